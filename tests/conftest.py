@@ -1,0 +1,52 @@
+"""Shared fixtures: the ggml oracle and the nasty inputs every kernel is checked on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dynsearch.kernels import ggml_oracle
+
+
+@pytest.fixture(scope="session")
+def ggml():
+    """ggml's C quantizers through ctypes; skipped with the reason where llama-cpp-python is absent."""
+    oracle = ggml_oracle.load()
+    if oracle is None:
+        pytest.skip(ggml_oracle.missing_reason())
+    return oracle
+
+
+def make_rows(kind: str, n_rows: int, n_per_row: int, seed: int) -> np.ndarray:
+    """Float32 test rows of one named kind (see DATA_KINDS)."""
+    rng = np.random.default_rng(seed)
+    shape = (n_rows, n_per_row)
+    if kind == "normal":
+        x = rng.standard_normal(shape)
+    elif kind == "heavy":  # Student-t with 2 degrees of freedom: heavy tails like real weights
+        x = rng.standard_t(2.0, shape) * 0.02
+    elif kind == "zeros":
+        x = np.zeros(shape)
+    elif kind == "outliers":  # a few huge values in otherwise small rows
+        x = rng.standard_normal(shape) * 0.01
+        idx = rng.integers(0, x.size, max(1, x.size // 200))
+        x.flat[idx] = rng.choice([-1, 1], idx.size) * rng.uniform(50, 3000, idx.size)
+    elif kind == "tiny":  # subnormal and near-underflow values
+        x = rng.standard_normal(shape) * 1e-39
+        x[:, ::3] *= 1e4
+    elif kind == "mixed":  # zero blocks, constant blocks and normal blocks in one row
+        x = rng.standard_normal(shape)
+        x[:, : n_per_row // 4] = 0.0
+        x[:, n_per_row // 4 : n_per_row // 2] = 0.5
+    else:
+        raise ValueError(kind)
+    return x.astype(np.float32)
+
+
+DATA_KINDS = ("normal", "heavy", "zeros", "outliers", "tiny", "mixed")
+
+
+def make_imatrix(n_per_row: int, seed: int) -> np.ndarray:
+    """A positive importance vector with llama-imatrix-like spread (some columns dominate)."""
+    rng = np.random.default_rng(seed + 1000)
+    return (rng.lognormal(0.0, 1.5, n_per_row) * rng.uniform(0.5, 2.0)).astype(np.float32)
