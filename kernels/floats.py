@@ -17,13 +17,18 @@ from .types import QT
 def quantize_f32(x, qw, out):
     n_rows, n = x.shape
     for r in prange(n_rows):
-        out[r].view(np.float32)[:] = x[r]
+        y = out[r].view(np.float32)
+        for i in range(n):
+            y[i] = x[r, i]
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def dequantize_f32(data, out):
-    for r in prange(data.shape[0]):
-        out[r] = data[r].view(np.float32)
+    n_rows, n = out.shape
+    for r in prange(n_rows):
+        v = data[r].view(np.float32)
+        for i in range(n):
+            out[r, i] = v[i]
 
 
 @njit(cache=True, nogil=True, parallel=True)

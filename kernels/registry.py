@@ -83,8 +83,8 @@ def quantize(rows: np.ndarray, qtype: QT | str, imatrix: np.ndarray | None = Non
                          f"elements, got {n_per_row}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     _check_finite(x, "input rows")
-    if imatrix is None or not k.uses_imatrix:
-        if info.requires_imatrix and imatrix is None:
+    if imatrix is None:
+        if info.requires_imatrix:
             raise ValueError(f"{info.name} requires an importance matrix (imatrix)")
         qw = np.empty(0, dtype=np.float32)
     else:
@@ -94,6 +94,8 @@ def quantize(rows: np.ndarray, qtype: QT | str, imatrix: np.ndarray | None = Non
         _check_finite(qw, "imatrix")
         if (qw < 0).any():
             raise ValueError("imatrix has negative entries")
+        if not k.uses_imatrix:
+            qw = np.empty(0, dtype=np.float32)
     out = np.empty((n_rows, row_nbytes(info.qtype, n_per_row)), dtype=np.uint8)
     if n_rows:
         k.quantize(x, qw, out)

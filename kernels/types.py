@@ -75,9 +75,12 @@ def parse_qtype(qtype: QT | str | int) -> QT:
     raise TypeError(f"expected a GGUF type name or GGMLQuantizationType, got {type(qtype).__name__}")
 
 
-@cache
 def type_info(qtype: QT | str | int) -> TypeInfo:
-    qt = parse_qtype(qtype)
+    return _type_info(parse_qtype(qtype))
+
+
+@cache
+def _type_info(qt: QT) -> TypeInfo:
     if qt not in GGML_QUANT_SIZES:
         raise ValueError(f"GGUF type {qt.name} has no known block layout")
     block_size, type_size = GGML_QUANT_SIZES[qt]
