@@ -1,0 +1,73 @@
+"""Disk budgets: parsing what users type and turning it into bytes of tensor data.
+
+``100MB`` and ``16GB`` are decimal (10**6, 10**9 bytes), ``95MiB`` and ``16GiB`` binary, ``4.5bpw``
+is bits per weight over all tensor data (llama.cpp's BPW: tensor bytes * 8 / weights). A byte
+budget covers the whole GGUF file, so the file's fixed overhead (header, metadata, tensor infos,
+alignment) is subtracted before the tensors share what is left.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import BudgetError
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed budget: either whole-file bytes or bits per weight."""
+
+    spec: str  # what the user typed, normalised ("100MB", "4.5bpw")
+    file_bytes: int | None = None
+    bpw: float | None = None
+
+    def tensor_bytes(self, n_weights: int, overhead_bytes: int) -> int:
+        """Bytes the tensor data may take (alignment padding included in tensor sizes)."""
+        if self.bpw is not None:
+            return int(self.bpw * n_weights / 8.0)
+        assert self.file_bytes is not None
+        return self.file_bytes - overhead_bytes
+
+
+def parse_budget(text: str) -> Budget:
+    m = _RE.match(str(text))
+    if not m:
+        raise BudgetError(f"invalid budget {text!r}: use a number with GB, GiB, MB, MiB or bpw "
+                          "(e.g. 16GB, 95MiB, 4.5bpw)")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if value <= 0:
+        raise BudgetError(f"invalid budget {text!r}: must be positive")
+    if unit == "bpw":
+        if not 0.5 <= value <= 32:
+            raise BudgetError(f"invalid budget {text!r}: bits per weight must lie in [0.5, 32]")
+        return Budget(spec=f"{value:g}bpw", bpw=value)
+    if unit not in _UNITS:
+        raise BudgetError(f"invalid budget {text!r}: unknown unit {m.group(2)!r} "
+                          "(use GB, GiB, MB, MiB or bpw)")
+    nbytes = int(value * _UNITS[unit])
+    return Budget(spec=f"{value:g}{m.group(2) or 'B'}", file_bytes=nbytes)
+
+
+def format_bytes(n: int) -> str:
+    """Decimal units as llama.cpp and model hubs print file sizes."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def check_reachable(budget: Budget, tensor_budget: int, smallest: int, largest: int) -> None:
+    """A clear error, before any work, when no assignment can meet the budget."""
+    if tensor_budget < smallest:
+        raise BudgetError(
+            f"budget {budget.spec} is unreachable: the smallest assignment of the candidate types "
+            f"needs {format_bytes(smallest)} of tensor data, the budget leaves {format_bytes(tensor_budget)}")
+    if tensor_budget >= largest:
+        raise BudgetError(
+            f"budget {budget.spec} is above the largest possible file ({format_bytes(largest)} of "
+            "tensor data with every tensor at its largest candidate type): nothing to search")

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+
+from dynsearch.errors import BudgetError
+from dynsearch.search.budget import check_reachable, format_bytes, parse_budget
+
+
+@pytest.mark.parametrize("text,file_bytes,bpw", [
+    ("100MB", 100_000_000, None), ("16GB", 16_000_000_000, None), ("16GiB", 16 * 2**30, None),
+    ("95MiB", 95 * 2**20, None), ("1.5gb", 1_500_000_000, None), (" 4.5bpw ", None, 4.5),
+    ("123456", 123456, None), ("2.0BPW", None, 2.0), ("0.5TB", 5 * 10**11, None),
+])
+def test_parse(text, file_bytes, bpw):
+    b = parse_budget(text)
+    assert b.file_bytes == file_bytes and b.bpw == bpw
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("16XB", "unknown unit 'XB'"), ("GB", "invalid budget"), ("-5GB", "invalid budget"),
+    ("0MB", "must be positive"), ("40bpw", r"must lie in \[0.5, 32\]"), ("1e9", "invalid budget"),
+    ("", "invalid budget"),
+])
+def test_parse_errors(text, msg):
+    with pytest.raises(BudgetError, match=msg):
+        parse_budget(text)
+
+
+def test_tensor_bytes():
+    assert parse_budget("4bpw").tensor_bytes(1000, 999) == 500
+    assert parse_budget("1MB").tensor_bytes(10**9, 12_345) == 1_000_000 - 12_345
+
+
+def test_reachability():
+    b = parse_budget("100MB")
+    with pytest.raises(BudgetError, match="unreachable: the smallest assignment"):
+        check_reachable(b, 50, 60, 100)
+    with pytest.raises(BudgetError, match="above the largest possible file"):
+        check_reachable(b, 100, 60, 100)
+    check_reachable(b, 80, 60, 100)
+    assert format_bytes(105_500_000) == "105.50 MB"
