@@ -1,0 +1,576 @@
+"""K-quants: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-element super-blocks), byte-identical with ggml.
+
+Mirrors ggml/src/ggml-quants.c: ``quantize_row_qX_K_ref`` (no importance weights, ``qw.size == 0``)
+and ``quantize_row_qX_K_impl`` (with them), the search helpers ``make_qx_quants``,
+``make_q3_quants``, ``make_qkx2_quants``, ``make_qkx3_quants``, ``make_qp_quants``,
+``get_scale_min_k4``, and the ``dequantize_row_qX_K`` decoders.
+
+Everything is float32 in the C's operation order: integers are converted with ``f32`` before they
+meet a float (numba would otherwise promote to float64), and there is no ``fastmath``.
+``error_model="numpy"`` gives IEEE division (inf/NaN) where the C divides by a zero or denormal.
+
+Block layouts (bytes, ggml-common.h; ``d``/``dmin`` are little-endian fp16)::
+
+    Q2_K  84: scales[16] (4-bit scale | 4-bit min << 4) | qs[64] (2-bit) | d | dmin
+    Q3_K 110: hmask[32] (high bit) | qs[64] (low 2 bits) | scales[12] (6-bit) | d
+    Q4_K 144: d | dmin | scales[12] (6-bit scales and mins) | qs[128] (4-bit)
+    Q5_K 176: d | dmin | scales[12] | qh[32] (high bit) | qs[128] (low 4 bits)
+    Q6_K 210: ql[128] (low 4 bits) | qh[64] (high 2 bits) | scales[16] (int8) | d
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._fp import bits_f32, f32, f32_bits, fp16_to_fp32, fp32_to_fp16
+from .registry import register
+from .types import QT
+
+QK_K = 256
+GROUP_MAX_EPS = f32(1e-15)
+
+_jit = dict(cache=True, nogil=True, error_model="numpy")
+_F0 = f32(0.0)
+_F1 = f32(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar helpers
+
+
+@njit(inline="always", **_jit)
+def nearest_int(fval):
+    """ggml's ``nearest_int`` bit trick, exact for every float (also |fval| >= 2**22, inf, NaN)."""
+    val = f32(fval) + f32(12582912.0)
+    return np.int32(f32_bits(val) & np.uint32(0x007FFFFF)) - np.int32(0x00400000)
+
+
+@njit(inline="always", **_jit)
+def _get_f16(y, off):
+    return fp16_to_fp32(np.uint16(y[off]) | (np.uint16(y[off + 1]) << np.uint16(8)))
+
+
+@njit(inline="always", **_jit)
+def _put_f16(y, off, v):
+    h = fp32_to_fp16(v)
+    y[off] = np.uint8(h & np.uint16(0xFF))
+    y[off + 1] = np.uint8(h >> np.uint16(8))
+
+
+@njit(inline="always", **_jit)
+def get_scale_min_k4(j, q):
+    """6-bit scale and min of sub-block ``j`` from the 12 packed bytes ``q`` (Q4_K, Q5_K)."""
+    if j < 4:
+        return np.int32(q[j] & 63), np.int32(q[j + 4] & 63)
+    d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4)
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4)
+    return np.int32(d), np.int32(m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale searches (ggml-quants.c, same names). ``weights``/``qw`` of size 0 stands for C's NULL.
+
+
+@njit(inline="always", **_jit)
+def _qx_weight(qw, i, xi, rmse_type):
+    if qw.shape[0] > 0:
+        return qw[i]
+    if rmse_type == 1:
+        return xi * xi
+    if rmse_type == 2:
+        return _F1
+    if rmse_type == 3:
+        return abs(xi)
+    return np.sqrt(abs(xi))
+
+
+@njit(**_jit)
+def make_qx_quants(n, nmax, x, L, rmse_type, qw):
+    """Symmetric scale search; ``L`` (int8) gets levels in [0, 2*nmax). Returns the scale."""
+    mx = _F0
+    amax = _F0
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return _F0
+    iscale = f32(-nmax) / mx
+    if rmse_type == 0:
+        for i in range(n):
+            l = nearest_int(iscale * x[i])
+            L[i] = nmax + max(-nmax, min(nmax - 1, l))
+        return _F1 / iscale
+    return_early = False
+    if rmse_type < 0:
+        rmse_type = -rmse_type
+        return_early = True
+    sumlx = _F0
+    suml2 = _F0
+    for i in range(n):
+        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+        L[i] = l + nmax
+        w = _qx_weight(qw, i, x[i], rmse_type)
+        fl = f32(l)
+        sumlx += w * x[i] * fl
+        suml2 += w * fl * fl
+    scale = sumlx / suml2 if suml2 != _F0 else _F0
+    if return_early:
+        return f32(0.5) * (scale + _F1 / iscale) if suml2 > _F0 else _F1 / iscale
+    best = scale * sumlx
+    for is_ in range(-9, 10):
+        if is_ == 0:
+            continue
+        iscale = -(f32(nmax) + f32(0.1) * f32(is_)) / mx
+        sumlx = _F0
+        suml2 = _F0
+        for i in range(n):
+            fl = f32(max(-nmax, min(nmax - 1, nearest_int(iscale * x[i]))))
+            w = _qx_weight(qw, i, x[i], rmse_type)
+            sumlx += w * x[i] * fl
+            suml2 += w * fl * fl
+        if suml2 > _F0 and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[i] = nmax + max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(**_jit)
+def make_q3_quants(n, nmax, x, L, do_rmse):
+    """Q3_K's symmetric search with x**2 weights and coordinate-wise refinement (``L`` int8)."""
+    mx = _F0
+    amax = _F0
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return _F0
+    iscale = f32(-nmax) / mx
+    if do_rmse:
+        sumlx = _F0
+        suml2 = _F0
+        for i in range(n):
+            l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+            L[i] = l
+            w = x[i] * x[i]
+            sumlx += w * x[i] * f32(l)
+            suml2 += w * f32(l) * f32(l)
+        for _ in range(5):
+            n_changed = 0
+            for i in range(n):
+                w = x[i] * x[i]
+                li = f32(L[i])
+                slx = sumlx - w * x[i] * li
+                if slx > _F0:
+                    sl2 = suml2 - w * li * li
+                    new_l = max(-nmax, min(nmax - 1, nearest_int(x[i] * sl2 / slx)))
+                    if new_l != L[i]:
+                        fl = f32(new_l)
+                        slx += w * x[i] * fl
+                        sl2 += w * fl * fl
+                        if sl2 > _F0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                            L[i] = new_l
+                            sumlx = slx
+                            suml2 = sl2
+                            n_changed += 1
+            if n_changed == 0:
+                break
+        for i in range(n):
+            L[i] += nmax
+        return sumlx / suml2 if suml2 > _F0 else _F0
+    for i in range(n):
+        L[i] = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i]))) + nmax
+    return _F1 / iscale
+
+
+@njit(**_jit)
+def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
+    """Asymmetric (scale, min) search over ``nstep + 1`` trial scales; ``L``/``Laux`` uint8.
+
+    Returns ``(scale, the_min)`` where ``the_min`` is C's ``*the_min`` (minus the offset).
+    """
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if mn > _F0:
+        mn = _F0
+    if mx == mn:
+        for i in range(n):
+            L[i] = 0
+        return _F0, -mn
+    iscale = f32(nmax) / (mx - mn)
+    scale = _F1 / iscale
+    best_error = _F0
+    for i in range(n):
+        li = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
+        L[i] = li
+        diff = scale * f32(li) + mn - x[i]
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += weights[i] * diff
+    if nstep < 1:
+        return scale, -mn
+    for is_ in range(nstep + 1):
+        iscale = (rmin + rdelta * f32(is_) + f32(nmax)) / (mx - mn)
+        sum_l = _F0
+        sum_l2 = _F0
+        sum_xl = _F0
+        for i in range(n):
+            li = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
+            Laux[i] = li
+            w = weights[i]
+            fl = f32(li)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > _F0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > _F0:
+                this_min = _F0
+                this_scale = sum_xl / sum_l2
+            cur_error = _F0
+            for i in range(n):
+                diff = this_scale * f32(Laux[i]) + this_min - x[i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += weights[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
+@njit(**_jit)
+def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
+    """ggml's make_qkx3_quants with non-NULL ``weights`` (the only way the K-quants call it).
+
+    With weights given it is make_qkx2_quants: C's ``max <= min`` test equals ``max == min``
+    because ``min`` is clamped to <= 0 and ``max >= min``.
+    """
+    return make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
+
+
+@njit(**_jit)
+def make_qp_quants(n, nmax, x, L, quant_weights):
+    """Positive-only scale search for the sub-block scales/mins of the imatrix path (``L`` uint8)."""
+    mx = _F0
+    for i in range(n):
+        mx = mx if mx > x[i] else x[i]
+    if mx < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return _F0
+    iscale = f32(nmax) / mx
+    for i in range(n):
+        L[i] = nearest_int(iscale * x[i])  # stored as uint8, as in the C
+    scale = _F1 / iscale
+    best_mse = _F0
+    for i in range(n):
+        diff = x[i] - scale * f32(L[i])
+        best_mse += quant_weights[i] * diff * diff
+    for is_ in range(-4, 5):
+        if is_ == 0:
+            continue
+        iscale_is = (f32(0.1) * f32(is_) + f32(nmax)) / mx
+        scale_is = _F1 / iscale_is
+        mse = _F0
+        for i in range(n):
+            l = min(nmax, nearest_int(iscale_is * x[i]))
+            diff = x[i] - scale_is * f32(l)
+            mse += quant_weights[i] * diff * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_is
+    sumlx = _F0
+    suml2 = _F0
+    for i in range(n):
+        l = min(nmax, nearest_int(iscale * x[i]))
+        L[i] = l
+        w = quant_weights[i]
+        sumlx += w * x[i] * f32(l)
+        suml2 += w * f32(l) * f32(l)
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = quant_weights[i]
+            li = f32(L[i])
+            slx = sumlx - w * x[i] * li
+            sl2 = suml2 - w * li * li
+            if slx > _F0 and sl2 > _F0:
+                new_l = min(nmax, nearest_int(x[i] * sl2 / slx))
+                if new_l != np.int32(L[i]):
+                    slx += w * x[i] * f32(new_l)
+                    sl2 += w * f32(new_l) * f32(new_l)
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    return sumlx / suml2 if suml2 > _F0 else _F0
+
+
+# ---------------------------------------------------------------------------------------------
+# Row drivers: prange over rows only, per-row scratch allocated once per row.
+
+
+@njit(inline="always", **_jit)
+def _block_qw(qw, i):
+    """The importance weights of super-block ``i``, or the empty array (C's NULL)."""
+    return qw[QK_K * i:QK_K * (i + 1)] if qw.shape[0] > 0 else qw
+
+
+# ---------------------------------------------------------------------------------------------
+# Q6_K: x = d * scale[16 sub-blocks of 16] * (q - 32), q 6-bit
+
+
+@njit(**_jit)
+def _quantize_block_q6_K(x, qw, y, L, scales):
+    """quantize_row_q6_K_ref / _impl for one super-block (they differ only in ``qw``)."""
+    max_scale = _F0
+    max_abs_scale = _F0
+    for ib in range(QK_K // 16):
+        sub = qw[16 * ib:16 * ib + 16] if qw.shape[0] > 0 else qw
+        scale = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1, sub)
+        scales[ib] = scale
+        abs_scale = abs(scale)
+        if abs_scale > max_abs_scale:
+            max_abs_scale = abs_scale
+            max_scale = scale
+    if max_abs_scale < GROUP_MAX_EPS:
+        y[:] = 0
+        return
+    iscale = f32(-128.0) / max_scale
+    _put_f16(y, 208, _F1 / iscale)
+    d_all = _get_f16(y, 208)
+    for ib in range(QK_K // 16):
+        y[192 + ib] = np.uint8(min(127, nearest_int(iscale * scales[ib])) & 0xFF)
+    for j in range(QK_K // 16):
+        d = d_all * f32(np.int8(y[192 + j]))
+        if d == _F0:
+            continue
+        for ii in range(16):
+            l = max(-32, min(31, nearest_int(x[16 * j + ii] / d)))
+            L[16 * j + ii] = l + 32
+    for j in range(0, QK_K, 128):
+        ql = j // 2
+        qh = 128 + j // 4
+        for l in range(32):
+            q1 = L[j + l] & 0xF
+            q2 = L[j + l + 32] & 0xF
+            q3 = L[j + l + 64] & 0xF
+            q4 = L[j + l + 96] & 0xF
+            y[ql + l] = q1 | (q3 << 4)
+            y[ql + l + 32] = q2 | (q4 << 4)
+            y[qh + l] = ((L[j + l] >> 4) | ((L[j + l + 32] >> 4) << 2)
+                         | ((L[j + l + 64] >> 4) << 4) | ((L[j + l + 96] >> 4) << 6))
+
+
+@njit(parallel=True, **_jit)
+def quantize_q6_K(x, qw, out):
+    n_rows, n = x.shape
+    for r in prange(n_rows):
+        L = np.empty(QK_K, dtype=np.int8)
+        scales = np.empty(QK_K // 16, dtype=np.float32)
+        for i in range(n // QK_K):
+            _quantize_block_q6_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
+                                 out[r, 210 * i:210 * (i + 1)], L, scales)
+
+
+@njit(parallel=True, **_jit)
+def dequantize_q6_K(data, out):
+    n_rows, n = out.shape
+    for r in prange(n_rows):
+        for i in range(n // QK_K):
+            b = data[r, 210 * i:210 * (i + 1)]
+            y = out[r, QK_K * i:QK_K * (i + 1)]
+            d = _get_f16(b, 208)
+            for half in range(2):
+                ql = 64 * half
+                qh = 128 + 32 * half
+                sc = 192 + 8 * half
+                o = 128 * half
+                for l in range(32):
+                    is_ = l // 16
+                    h = b[qh + l]
+                    q1 = np.int32((b[ql + l] & 0xF) | ((h & 3) << 4)) - 32
+                    q2 = np.int32((b[ql + l + 32] & 0xF) | (((h >> 2) & 3) << 4)) - 32
+                    q3 = np.int32((b[ql + l] >> 4) | (((h >> 4) & 3) << 4)) - 32
+                    q4 = np.int32((b[ql + l + 32] >> 4) | (((h >> 6) & 3) << 4)) - 32
+                    y[o + l] = d * f32(np.int8(b[sc + is_])) * f32(q1)
+                    y[o + l + 32] = d * f32(np.int8(b[sc + is_ + 2])) * f32(q2)
+                    y[o + l + 64] = d * f32(np.int8(b[sc + is_ + 4])) * f32(q3)
+                    y[o + l + 96] = d * f32(np.int8(b[sc + is_ + 6])) * f32(q4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q4_K / Q5_K: x = d * sc[8 sub-blocks of 32] * q - dmin * m, 6-bit sc and m
+
+
+@njit(inline="always", **_jit)
+def _pack_scale_min_k4(y, off, Ls, Lm):
+    """Write 8 (scale, min) pairs of up to 6 bits into 12 bytes at ``y[off:]`` (uint8 wrap as C)."""
+    for j in range(QK_K // 32):
+        ls = np.int32(Ls[j])
+        lm = np.int32(Lm[j])
+        if j < 4:
+            y[off + j] = ls
+            y[off + j + 4] = lm
+        else:
+            y[off + j + 4] = ((ls & 0xF) | ((lm & 0xF) << 4)) & 0xFF
+            y[off + j - 4] = (np.int32(y[off + j - 4]) | ((ls >> 4) << 6)) & 0xFF
+            y[off + j] = (np.int32(y[off + j]) | ((lm >> 4) << 6)) & 0xFF
+
+
+@njit(inline="always", **_jit)
+def _requantize_k4(x, y, L, nmax):
+    """Recompute the levels from the stored fp16 d/dmin and 6-bit scales (Q4_K, Q5_K)."""
+    q = y[4:16]
+    d_all = _get_f16(y, 0)
+    m_all = _get_f16(y, 2)
+    for j in range(QK_K // 32):
+        sc, m = get_scale_min_k4(j, q)
+        d = d_all * f32(sc)
+        if d == _F0:
+            continue
+        dm = m_all * f32(m)
+        for ii in range(32):
+            L[32 * j + ii] = max(0, min(nmax, nearest_int((x[32 * j + ii] + dm) / d)))
+
+
+@njit(**_jit)
+def _scales_ref_k4(x, L, Laux, weights, scales, mins, Ls, Lm, nmax, rmin, rdelta, nstep):
+    """The search of quantize_row_q4_K_ref / q5_K_ref; returns (max_scale, max_min)."""
+    max_scale = _F0
+    max_min = _F0
+    for j in range(QK_K // 32):
+        xs = x[32 * j:32 * j + 32]
+        sum_x2 = _F0
+        for l in range(32):
+            sum_x2 += xs[l] * xs[l]
+        av_x = np.sqrt(sum_x2 / f32(32.0))
+        for l in range(32):
+            weights[l] = av_x + abs(xs[l])
+        scales[j], mins[j] = make_qkx2_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], Laux,
+                                              rmin, rdelta, nstep, False)
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    inv_scale = f32(63.0) / max_scale if max_scale > _F0 else _F0
+    inv_min = f32(63.0) / max_min if max_min > _F0 else _F0
+    for j in range(QK_K // 32):
+        Ls[j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
+        Lm[j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+    return max_scale / f32(63.0), max_min / f32(63.0)
+
+
+@njit(**_jit)
+def _scales_impl_k4(x, qw, L, Laux, weights, sw, scales, mins, Ls, Lm, nmax, clamp63):
+    """The search of quantize_row_q4_K_impl / q5_K_impl; returns (d_block, m_block)."""
+    sum_x2 = _F0
+    for l in range(QK_K):
+        sum_x2 += x[l] * x[l]
+    sigma2 = f32(2.0) * sum_x2 / f32(QK_K)
+    for j in range(QK_K // 32):
+        xs = x[32 * j:32 * j + 32]
+        for l in range(32):
+            weights[l] = qw[32 * j + l] * np.sqrt(sigma2 + xs[l] * xs[l])
+        sumw = _F0
+        for l in range(32):
+            sumw += weights[l]
+        sw[j] = sumw
+        scales[j], mins[j] = make_qkx3_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], Laux,
+                                              f32(-0.9), f32(0.05), 36, False)
+    d_block = make_qp_quants(QK_K // 32, 63, scales, Ls, sw)
+    m_block = make_qp_quants(QK_K // 32, 63, mins, Lm, sw)
+    if clamp63:  # quantize_row_q5_K_impl clamps, q4_K_impl does not
+        for j in range(QK_K // 32):
+            Ls[j] = min(63, Ls[j])
+            Lm[j] = min(63, Lm[j])
+    return d_block, m_block
+
+
+@njit(**_jit)
+def _quantize_block_q4_K(x, qw, y, L, Laux, weights, sw, scales, mins, Ls, Lm):
+    if qw.shape[0] == 0:
+        d, dmin = _scales_ref_k4(x, L, Laux, weights, scales, mins, Ls, Lm, 15,
+                                 f32(-1.0), f32(0.1), 20)
+    else:
+        d, dmin = _scales_impl_k4(x, qw, L, Laux, weights, sw, scales, mins, Ls, Lm, 15, False)
+    _pack_scale_min_k4(y, 4, Ls, Lm)
+    _put_f16(y, 0, d)
+    _put_f16(y, 2, dmin)
+    _requantize_k4(x, y, L, 15)
+    for j in range(0, QK_K, 64):
+        q = 16 + j // 2
+        for l in range(32):
+            y[q + l] = L[j + l] | (L[j + l + 32] << 4)
+
+
+@njit(parallel=True, **_jit)
+def quantize_q4_K(x, qw, out):
+    n_rows, n = x.shape
+    for r in prange(n_rows):
+        L = np.empty(QK_K, dtype=np.uint8)
+        Laux = np.empty(32, dtype=np.uint8)
+        weights = np.empty(32, dtype=np.float32)
+        sw = np.empty(QK_K // 32, dtype=np.float32)
+        scales = np.empty(QK_K // 32, dtype=np.float32)
+        mins = np.empty(QK_K // 32, dtype=np.float32)
+        Ls = np.empty(QK_K // 32, dtype=np.uint8)
+        Lm = np.empty(QK_K // 32, dtype=np.uint8)
+        for i in range(n // QK_K):
+            _quantize_block_q4_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
+                                 out[r, 144 * i:144 * (i + 1)], L, Laux, weights, sw, scales, mins,
+                                 Ls, Lm)
+
+
+@njit(parallel=True, **_jit)
+def dequantize_q4_K(data, out):
+    n_rows, n = out.shape
+    for r in prange(n_rows):
+        for i in range(n // QK_K):
+            b = data[r, 144 * i:144 * (i + 1)]
+            y = out[r, QK_K * i:QK_K * (i + 1)]
+            d = _get_f16(b, 0)
+            dmin = _get_f16(b, 2)
+            q = b[4:16]
+            for k in range(4):
+                sc, m = get_scale_min_k4(2 * k, q)
+                d1 = d * f32(sc)
+                m1 = dmin * f32(m)
+                sc, m = get_scale_min_k4(2 * k + 1, q)
+                d2 = d * f32(sc)
+                m2 = dmin * f32(m)
+                for l in range(32):
+                    v = b[16 + 32 * k + l]
+                    y[64 * k + l] = d1 * f32(v & 0xF) - m1
+                    y[64 * k + 32 + l] = d2 * f32(v >> 4) - m2
+
+
+register(QT.Q4_K, quantize=quantize_q4_K, dequantize=dequantize_q4_K)
+register(QT.Q6_K, quantize=quantize_q6_K, dequantize=dequantize_q6_K)
