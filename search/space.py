@@ -1,0 +1,116 @@
+"""The search space: per tensor, the candidate types with their exact sizes and proxy errors.
+
+A :class:`SearchSpace` is plain numeric data computed once by profiling; everything the search
+does afterwards (knapsack seeds, Optuna trials) is cheap arithmetic on it. Tensors are grouped by
+kind (``attn_q``, ``ffn_down``, ...) and by a band of layers, so that Optuna can move a few
+dozen sensitivity multipliers instead of hundreds of tensor types.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import knapsack
+
+_BLK = re.compile(r"^blk\.(\d+)\.(.+?)(?:\.weight)?$")
+
+
+def tensor_kind(name: str) -> tuple[str, int]:
+    """(kind, layer) of a GGUF tensor name; layer -1 outside the blocks."""
+    m = _BLK.match(name)
+    if m:
+        return m.group(2), int(m.group(1))
+    return name.removesuffix(".weight"), -1
+
+
+def layer_groups(names: list[str], n_layer: int, n_bands: int) -> tuple[np.ndarray, list[str]]:
+    """Group index per tensor: (kind, band of layers); tensors outside blocks form their own."""
+    keys: list[str] = []
+    index: dict[str, int] = {}
+    out = np.empty(len(names), dtype=np.int64)
+    for i, name in enumerate(names):
+        kind, layer = tensor_kind(name)
+        if layer < 0:
+            key = kind
+        else:
+            band = min(n_bands - 1, layer * n_bands // max(1, n_layer))
+            key = f"{kind}@{band}"
+        if key not in index:
+            index[key] = len(keys)
+            keys.append(key)
+        out[i] = index[key]
+    return out, keys
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Numbers the search works on. Row ``i`` is tensor ``names[i]``, column ``j`` type ``types[j]``."""
+
+    names: tuple[str, ...]
+    types: tuple[str, ...]  # candidate type names as requested (before llama.cpp's fallback)
+    written: tuple[tuple[str, ...], ...]  # per tensor and column: the type actually written
+    sizes: np.ndarray  # (n, m) int64: bytes of the tensor data, alignment padding included
+    errors: np.ndarray  # (n, m) float64: proxy error; inf where the type is not allowed
+    groups: np.ndarray  # (n,) int64 group index
+    group_names: tuple[str, ...]
+    n_weights: int  # total number of weights of all tensors
+
+    def __post_init__(self):
+        n, m = len(self.names), len(self.types)
+        if self.sizes.shape != (n, m) or self.errors.shape != (n, m) or self.groups.shape != (n,):
+            raise ValueError("search space arrays do not match its names and types")
+
+    def min_size(self) -> int:
+        return knapsack.min_size(self.sizes, self.errors)
+
+    def max_size(self) -> int:
+        return knapsack.max_size(self.sizes, self.errors)
+
+    def size_of(self, choice: np.ndarray) -> int:
+        return int(self.sizes[np.arange(len(choice)), choice].sum())
+
+    def proxy_of(self, choice: np.ndarray) -> float:
+        return float(self.errors[np.arange(len(choice)), choice].sum())
+
+    def solve(self, budget: int, log_multipliers: np.ndarray | None = None) -> np.ndarray:
+        """The proxy-optimal choice within ``budget``, optionally with per-group cost multipliers."""
+        costs = self.errors
+        if log_multipliers is not None:
+            costs = costs * np.exp(np.asarray(log_multipliers, dtype=np.float64))[self.groups][:, None]
+        return knapsack.solve_dp(self.sizes, costs, budget).choice
+
+    def assignment(self, choice: np.ndarray) -> dict[str, str]:
+        """Tensor name -> written type name (llama.cpp's fallback applied), in model order."""
+        return {n: self.written[i][int(c)] for i, (n, c) in enumerate(zip(self.names, choice))}
+
+    def choice_of(self, assignment: dict[str, str]) -> np.ndarray:
+        """Inverse of :meth:`assignment` (first column that writes the requested type)."""
+        out = np.empty(len(self.names), dtype=np.int64)
+        for i, n in enumerate(self.names):
+            try:
+                out[i] = self.written[i].index(assignment[n])
+            except (KeyError, ValueError):
+                raise ValueError(f"{n}: type {assignment.get(n)!r} is not a candidate") from None
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of everything a stored trial value depends on (guards resumed studies)."""
+        h = hashlib.sha256()
+        for part in (self.names, self.types, self.written, self.group_names):
+            h.update(repr(part).encode())
+        for arr in (self.sizes, self.errors, self.groups):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()[:16]
+
+
+def choice_key(choice: np.ndarray) -> str:
+    """A compact, stable string of a choice (stored with each trial)."""
+    return "".join(chr(48 + int(c)) for c in choice)
+
+
+def parse_choice_key(key: str) -> np.ndarray:
+    return np.array([ord(ch) - 48 for ch in key], dtype=np.int64)

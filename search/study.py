@@ -1,0 +1,153 @@
+"""The Optuna stage: search beyond the proxy's knapsack optimum, scored by true KL.
+
+Each trial proposes one log-multiplier per tensor group; the group's proxy errors are scaled by it
+and the budgeted knapsack is re-solved, so every candidate fits the budget by construction and
+the search moves in a few dozen dimensions instead of hundreds of tensor types. The first trial
+is the unscaled knapsack optimum (the seed). A candidate whose proxy is far above the seed's is
+pruned before any costly evaluation; a candidate already measured reuses its stored value.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from ..errors import DynsearchError
+from .space import SearchSpace, choice_key, parse_choice_key
+
+log = logging.getLogger(__name__)
+
+SEED_TRIAL_ATTR = "seed"
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    budget: int  # bytes of tensor data every candidate must fit
+    n_trials: int = 40  # completed + pruned trials the study should reach (all workers together)
+    timeout: float | None = None  # seconds for this worker; None: no limit
+    seed: int = 0  # sampler seed
+    sampler: str = "tpe"  # "tpe", "cmaes", "gp" or "random"
+    max_log_multiplier: float = 1.5  # multipliers range over exp(+-this)
+    proxy_slack: float = 0.25  # prune candidates whose proxy exceeds the seed's by more than this
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise DynsearchError(f"unknown sampler {name!r} (tpe, cmaes, gp, random)")
+
+
+def _param_names(space: SearchSpace) -> list[str]:
+    return [f"m{i:02d}_{g}" for i, g in enumerate(space.group_names)]
+
+
+def open_study(storage, study_name: str, space: SearchSpace, settings: SearchSettings) -> optuna.Study:
+    """Create the study, or load it to resume; refuses a study made for another search space."""
+    study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
+                                sampler=make_sampler(settings.sampler, settings.seed),
+                                load_if_exists=True)
+    fp = space.fingerprint()
+    stored = study.user_attrs.get("space_fingerprint")
+    if stored is None:
+        study.set_user_attr("space_fingerprint", fp)
+        study.set_user_attr("budget", int(settings.budget))
+        study.set_user_attr("types", list(space.types))
+        study.set_user_attr("tensors", list(space.names))
+        study.enqueue_trial({p: 0.0 for p in _param_names(space)},
+                            user_attrs={SEED_TRIAL_ATTR: True}, skip_if_exists=True)
+    elif stored != fp or study.user_attrs.get("budget") != int(settings.budget):
+        raise DynsearchError(
+            f"study {study_name!r} was made for another model, calibration, type set or budget; "
+            "use a new --study-name or another storage")
+    return study
+
+
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def seed_proxy(space: SearchSpace, budget: int) -> float:
+    return space.proxy_of(space.solve(budget))
+
+
+def make_objective(space: SearchSpace, settings: SearchSettings,
+                   evaluate: Callable[[np.ndarray], float]) -> Callable[[optuna.Trial], float]:
+    names = _param_names(space)
+    limit = seed_proxy(space, settings.budget) * (1.0 + settings.proxy_slack)
+    m = settings.max_log_multiplier
+
+    def objective(trial: optuna.Trial) -> float:
+        logm = np.array([trial.suggest_float(n, -m, m) for n in names])
+        choice = space.solve(settings.budget, logm)
+        size, proxy = space.size_of(choice), space.proxy_of(choice)
+        if size > settings.budget:  # cannot happen: the knapsack never exceeds it
+            raise AssertionError(f"candidate of {size} bytes exceeds the budget {settings.budget}")
+        key = choice_key(choice)
+        trial.set_user_attr("choice", key)
+        trial.set_user_attr("size", size)
+        trial.set_user_attr("proxy", proxy)
+        for t in _finished(trial.study):
+            if t.user_attrs.get("choice") == key and t.value is not None:
+                trial.set_user_attr("duplicate_of", t.number)
+                return t.value
+        if proxy > limit:
+            raise optuna.TrialPruned(f"proxy {proxy:.4g} above the seed's by more than "
+                                     f"{settings.proxy_slack:.0%}")
+        value = float(evaluate(choice))
+        if not math.isfinite(value):
+            trial.set_user_attr("fail_reason", f"objective returned {value}")
+            raise DynsearchError(f"trial {trial.number}: objective returned {value}")
+        return value
+
+    return objective
+
+
+def run_study(study: optuna.Study, space: SearchSpace, settings: SearchSettings,
+              evaluate: Callable[[np.ndarray], float], show_progress: bool = True) -> optuna.Study:
+    """Run trials until the study holds ``settings.n_trials`` finished ones (all workers)."""
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    remaining = settings.n_trials - done
+    if remaining <= 0:
+        return study
+    callback = optuna.study.MaxTrialsCallback(settings.n_trials,
+                                              states=(TrialState.COMPLETE, TrialState.PRUNED))
+    study.optimize(make_objective(space, settings, evaluate), n_trials=remaining,
+                   timeout=settings.timeout, callbacks=[callback], catch=(DynsearchError,),
+                   show_progress_bar=show_progress, gc_after_trial=False)
+    return study
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    choice: np.ndarray
+    value: float  # true KL of the best candidate
+    seed_value: float | None  # true KL of the knapsack seed
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+
+
+def best_result(study: optuna.Study) -> StudyResult:
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not done:
+        raise DynsearchError(f"study {study.study_name!r} has no completed trial yet")
+    best = min(done, key=lambda t: (t.value, t.number))
+    seeds = [t for t in done if t.user_attrs.get(SEED_TRIAL_ATTR)]
+    return StudyResult(
+        choice=parse_choice_key(best.user_attrs["choice"]), value=float(best.value),
+        seed_value=float(seeds[0].value) if seeds else None, n_complete=len(done),
+        n_pruned=sum(t.state == TrialState.PRUNED for t in trials),
+        n_failed=sum(t.state == TrialState.FAIL for t in trials))

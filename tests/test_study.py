@@ -1,0 +1,94 @@
+"""The Optuna stage on a synthetic space whose 'true KL' the proxy misjudges."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+
+from dynsearch.errors import DynsearchError
+from dynsearch.search.space import SearchSpace, layer_groups, tensor_kind
+from dynsearch.search.study import SearchSettings, best_result, open_study, run_study
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def synthetic_space(seed=0, n_layer=6):
+    rng = np.random.default_rng(seed)
+    kinds = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down"]
+    names = ["token_embd.weight"] + [f"blk.{i}.{k}.weight" for i in range(n_layer) for k in kinds]
+    types = ("Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+    bits = np.array([3.44, 4.5, 5.5, 6.56, 8.5])
+    n_w = rng.integers(50_000, 200_000, len(names))
+    sizes = (n_w[:, None] * bits[None, :] / 8).astype(np.int64)
+    errors = n_w[:, None] * 4.0 ** (-bits[None, :]) * rng.uniform(0.5, 2, (len(names), 1))
+    groups, gnames = layer_groups(names, n_layer, 2)
+    space = SearchSpace(tuple(names), types, tuple((types,) * len(names)), sizes, errors, groups,
+                        tuple(gnames), int(n_w.sum()))
+    # the truth weighs ffn_down 4x more than the proxy believes: the search can find that
+    weight = np.array([4.0 if tensor_kind(n)[0] == "ffn_down" else 1.0 for n in names])
+    return space, weight
+
+
+def true_kl(space, weight):
+    def evaluate(choice):
+        return float((space.errors[np.arange(len(choice)), choice] * weight).sum())
+    return evaluate
+
+
+def test_study_improves_on_seed_and_respects_budget(tmp_path):
+    space, weight = synthetic_space()
+    budget = (space.min_size() + space.max_size()) // 2
+    settings = SearchSettings(budget=budget, n_trials=60, seed=1, proxy_slack=1.0)
+    study = open_study(None, "t", space, settings)  # in memory; storage is covered below
+    run_study(study, space, settings, true_kl(space, weight), show_progress=False)
+    res = best_result(study)
+    assert res.seed_value is not None and res.value < 0.97 * res.seed_value
+    for t in study.trials:
+        if "size" in t.user_attrs:
+            assert t.user_attrs["size"] <= budget
+
+
+def test_resume_reuses_finished_trials(tmp_path):
+    space, weight = synthetic_space()
+    budget = (space.min_size() + space.max_size()) // 2
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    calls = []
+
+    def counting(choice):
+        calls.append(1)
+        return true_kl(space, weight)(choice)
+
+    s1 = SearchSettings(budget=budget, n_trials=10, seed=0)
+    run_study(open_study(storage, "t", space, s1), space, s1, counting, show_progress=False)
+    first = len(calls)
+    # same command again: nothing left to do, nothing recomputed
+    run_study(open_study(storage, "t", space, s1), space, s1, counting, show_progress=False)
+    assert len(calls) == first
+    s2 = SearchSettings(budget=budget, n_trials=15, seed=0)
+    study = run_study(open_study(storage, "t", space, s2), space, s2, counting, show_progress=False)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 15
+    assert len({t.number for t in study.trials}) == len(study.trials)
+
+
+def test_study_refuses_other_space(tmp_path):
+    space, _ = synthetic_space(0)
+    other, _ = synthetic_space(1)
+    budget = (space.min_size() + space.max_size()) // 2
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    open_study(storage, "t", space, SearchSettings(budget=budget))
+    with pytest.raises(DynsearchError, match="made for another model"):
+        open_study(storage, "t", other, SearchSettings(budget=budget))
+
+
+def test_non_finite_objective_is_a_failed_trial(tmp_path):
+    space, weight = synthetic_space()
+    budget = (space.min_size() + space.max_size()) // 2
+    settings = SearchSettings(budget=budget, n_trials=4, seed=0)
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "t", space, settings)
+    run_study(study, space, settings, lambda c: float("nan"), show_progress=False)
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed and all("returned nan" in t.user_attrs["fail_reason"] for t in failed)
+    with pytest.raises(DynsearchError, match="no completed trial"):
+        best_result(study)
