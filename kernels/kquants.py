@@ -572,5 +572,330 @@ def dequantize_q4_K(data, out):
                     y[64 * k + 32 + l] = d2 * f32(v >> 4) - m2
 
 
+# ---------------------------------------------------------------------------------------------
+# Q5_K: as Q4_K with a fifth bit per weight in qh
+
+
+@njit(**_jit)
+def _quantize_block_q5_K(x, qw, y, L, Laux, weights, sw, scales, mins, Ls, Lm):
+    if qw.shape[0] == 0:
+        d, dmin = _scales_ref_k4(x, L, Laux, weights, scales, mins, Ls, Lm, 31,
+                                 f32(-0.5), f32(0.1), 15)
+    else:
+        d, dmin = _scales_impl_k4(x, qw, L, Laux, weights, sw, scales, mins, Ls, Lm, 31, True)
+    _pack_scale_min_k4(y, 4, Ls, Lm)
+    _put_f16(y, 0, d)
+    _put_f16(y, 2, dmin)
+    _requantize_k4(x, y, L, 31)
+    for j in range(32):
+        y[16 + j] = 0
+    m1 = 1
+    m2 = 2
+    for n in range(0, QK_K, 64):
+        ql = 48 + n // 2
+        for j in range(32):
+            l1 = np.int32(L[n + j])
+            if l1 > 15:
+                l1 -= 16
+                y[16 + j] |= m1
+            l2 = np.int32(L[n + j + 32])
+            if l2 > 15:
+                l2 -= 16
+                y[16 + j] |= m2
+            y[ql + j] = l1 | (l2 << 4)
+        m1 <<= 2
+        m2 <<= 2
+
+
+@njit(parallel=True, **_jit)
+def quantize_q5_K(x, qw, out):
+    n_rows, n = x.shape
+    for r in prange(n_rows):
+        L = np.empty(QK_K, dtype=np.uint8)
+        Laux = np.empty(32, dtype=np.uint8)
+        weights = np.empty(32, dtype=np.float32)
+        sw = np.empty(QK_K // 32, dtype=np.float32)
+        scales = np.empty(QK_K // 32, dtype=np.float32)
+        mins = np.empty(QK_K // 32, dtype=np.float32)
+        Ls = np.empty(QK_K // 32, dtype=np.uint8)
+        Lm = np.empty(QK_K // 32, dtype=np.uint8)
+        for i in range(n // QK_K):
+            _quantize_block_q5_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
+                                 out[r, 176 * i:176 * (i + 1)], L, Laux, weights, sw, scales, mins,
+                                 Ls, Lm)
+
+
+@njit(parallel=True, **_jit)
+def dequantize_q5_K(data, out):
+    n_rows, n = out.shape
+    for r in prange(n_rows):
+        for i in range(n // QK_K):
+            b = data[r, 176 * i:176 * (i + 1)]
+            y = out[r, QK_K * i:QK_K * (i + 1)]
+            d = _get_f16(b, 0)
+            dmin = _get_f16(b, 2)
+            q = b[4:16]
+            for k in range(4):
+                sc, m = get_scale_min_k4(2 * k, q)
+                d1 = d * f32(sc)
+                m1 = dmin * f32(m)
+                sc, m = get_scale_min_k4(2 * k + 1, q)
+                d2 = d * f32(sc)
+                m2 = dmin * f32(m)
+                u1 = 1 << (2 * k)
+                u2 = 2 << (2 * k)
+                for l in range(32):
+                    v = b[48 + 32 * k + l]
+                    h = b[16 + l]
+                    y[64 * k + l] = d1 * f32((v & 0xF) + (16 if h & u1 else 0)) - m1
+                    y[64 * k + 32 + l] = d2 * f32((v >> 4) + (16 if h & u2 else 0)) - m2
+
+
+# ---------------------------------------------------------------------------------------------
+# Q3_K: x = d * (scale6 - 32) * (q - 4), q 3-bit (2 low bits in qs, high bit in hmask)
+
+
+@njit(inline="always", **_jit)
+def _q3_scale(y, j):
+    """Signed 6-bit scale of sub-block ``j`` from the 12 bytes at ``y[96:108]``."""
+    if j < 8:
+        sc = np.int32(y[96 + j]) & 0xF
+    else:
+        sc = np.int32(y[96 + j - 8]) >> 4
+    return (sc | (((np.int32(y[96 + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
+
+
+@njit(**_jit)
+def _finish_block_q3_K(x, y, L, Ls, d_block):
+    """Pack the 6-bit scales ``Ls`` (0..63), store d, requantize and pack the 3-bit levels."""
+    for j in range(12):
+        y[96 + j] = 0
+    for j in range(QK_K // 16):
+        l = np.int32(Ls[j])
+        if j < 8:
+            y[96 + j] = l & 0xF
+        else:
+            y[96 + j - 8] |= (l & 0xF) << 4
+        l >>= 4
+        y[96 + 8 + j % 4] |= (l << (2 * (j // 4))) & 0xFF
+    _put_f16(y, 108, d_block)
+    d_all = _get_f16(y, 108)
+    for j in range(QK_K // 16):
+        d = d_all * f32(_q3_scale(y, j))
+        if d == _F0:
+            continue
+        for ii in range(16):
+            L[16 * j + ii] = max(-4, min(3, nearest_int(x[16 * j + ii] / d))) + 4
+    for j in range(32):
+        y[j] = 0
+    m = 0
+    hm = 1
+    for j in range(QK_K):
+        if L[j] > 3:
+            y[m] |= hm
+            L[j] -= 4
+        m += 1
+        if m == QK_K // 8:
+            m = 0
+            hm <<= 1
+    for j in range(0, QK_K, 128):
+        q = 32 + j // 4
+        for l in range(32):
+            y[q + l] = L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6)
+
+
+@njit(**_jit)
+def _quantize_block_q3_K(x, qw, y, L, Ls, weight, sw, scales):
+    if qw.shape[0] == 0:  # quantize_row_q3_K_ref
+        max_scale = _F0
+        amax = _F0
+        for j in range(QK_K // 16):
+            scales[j] = make_q3_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], True)
+            scale = abs(scales[j])
+            if scale > amax:
+                amax = scale
+                max_scale = scales[j]
+        if max_scale != _F0:
+            iscale = f32(-32.0) / max_scale
+            for j in range(QK_K // 16):
+                l = np.int32(np.int8(nearest_int(iscale * scales[j])))
+                Ls[j] = max(-32, min(31, l)) + 32
+            d_block = _F1 / iscale
+        else:
+            for j in range(QK_K // 16):
+                Ls[j] = 0
+            d_block = _F0
+    else:  # quantize_row_q3_K_impl
+        sumx2 = _F0
+        for j in range(QK_K):
+            sumx2 += x[j] * x[j]
+        sigma2 = f32(2.0) * sumx2 / f32(QK_K)
+        for j in range(QK_K // 16):
+            for l in range(16):
+                xl = x[16 * j + l]
+                weight[l] = qw[16 * j + l] * np.sqrt(sigma2 + xl * xl)
+            sumw = _F0
+            for l in range(16):
+                sumw += weight[l]
+            sw[j] = sumw
+            scales[j] = make_qx_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], 1, weight)
+        d_block = make_qx_quants(QK_K // 16, 32, scales, Ls, 1, sw)
+    _finish_block_q3_K(x, y, L, Ls, d_block)
+
+
+@njit(parallel=True, **_jit)
+def quantize_q3_K(x, qw, out):
+    n_rows, n = x.shape
+    for r in prange(n_rows):
+        L = np.empty(QK_K, dtype=np.int8)
+        Ls = np.empty(QK_K // 16, dtype=np.int8)
+        weight = np.empty(16, dtype=np.float32)
+        sw = np.empty(QK_K // 16, dtype=np.float32)
+        scales = np.empty(QK_K // 16, dtype=np.float32)
+        for i in range(n // QK_K):
+            _quantize_block_q3_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
+                                 out[r, 110 * i:110 * (i + 1)], L, Ls, weight, sw, scales)
+
+
+@njit(parallel=True, **_jit)
+def dequantize_q3_K(data, out):
+    n_rows, n = out.shape
+    for r in prange(n_rows):
+        for i in range(n // QK_K):
+            b = data[r, 110 * i:110 * (i + 1)]
+            y = out[r, QK_K * i:QK_K * (i + 1)]
+            d_all = _get_f16(b, 108)
+            for half in range(2):
+                for k in range(4):
+                    shift = 2 * k
+                    m = 1 << (4 * half + k)
+                    for s in range(2):
+                        dl = d_all * f32(_q3_scale(b, 8 * half + 2 * k + s))
+                        o = 128 * half + 32 * k + 16 * s
+                        q = 32 + 32 * half + 16 * s
+                        for l in range(16):
+                            v = np.int32((b[q + l] >> shift) & 3) - (0 if b[16 * s + l] & m else 4)
+                            y[o + l] = dl * f32(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q2_K: x = d * sc4 * q - dmin * m4, q 2-bit, 16 sub-blocks of 16
+
+
+@njit(**_jit)
+def _finish_block_q2_K(x, y, L):
+    """Requantize from the stored d/dmin/scales (bytes 0..16, 80..84) and pack the 2-bit levels."""
+    d_all = _get_f16(y, 80)
+    m_all = _get_f16(y, 82)
+    for j in range(QK_K // 16):
+        d = d_all * f32(y[j] & 0xF)
+        if d == _F0:
+            continue
+        dm = m_all * f32(y[j] >> 4)
+        for ii in range(16):
+            L[16 * j + ii] = max(0, min(3, nearest_int((x[16 * j + ii] + dm) / d)))
+    for j in range(0, QK_K, 128):
+        q = 16 + j // 4
+        for l in range(32):
+            y[q + l] = L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6)
+
+
+@njit(**_jit)
+def _quantize_block_q2_K(x, qw, y, L, Laux, weights, sw, scales, mins, Ls, Lm):
+    q4scale = f32(15.0)
+    if qw.shape[0] == 0:  # quantize_row_q2_K_ref
+        max_scale = _F0
+        max_min = _F0
+        for j in range(QK_K // 16):
+            for l in range(16):
+                weights[l] = abs(x[16 * j + l])
+            scales[j], mins[j] = make_qkx2_quants(16, 3, x[16 * j:16 * j + 16], weights,
+                                                  L[16 * j:16 * j + 16], Laux,
+                                                  f32(-0.5), f32(0.1), 15, True)
+            if scales[j] > max_scale:
+                max_scale = scales[j]
+            if mins[j] > max_min:
+                max_min = mins[j]
+        if max_scale > _F0:
+            iscale = q4scale / max_scale
+            for j in range(QK_K // 16):
+                y[j] = nearest_int(iscale * scales[j]) & 0xFF
+            _put_f16(y, 80, max_scale / q4scale)
+        else:
+            for j in range(QK_K // 16):
+                y[j] = 0
+            _put_f16(y, 80, _F0)
+        if max_min > _F0:
+            iscale = q4scale / max_min
+            for j in range(QK_K // 16):
+                y[j] |= (nearest_int(iscale * mins[j]) << 4) & 0xFF
+            _put_f16(y, 82, max_min / q4scale)
+        else:
+            _put_f16(y, 82, _F0)
+    else:  # quantize_row_q2_K_impl
+        sumx2 = _F0
+        for j in range(QK_K):
+            sumx2 += x[j] * x[j]
+        sigma2 = sumx2 / f32(QK_K)
+        for j in range(QK_K // 16):
+            for l in range(16):
+                xl = x[16 * j + l]
+                weights[l] = qw[16 * j + l] * np.sqrt(sigma2 + xl * xl)
+            sumw = _F0
+            for l in range(16):
+                sumw += weights[l]
+            sw[j] = sumw
+            scales[j], mins[j] = make_qkx3_quants(16, 3, x[16 * j:16 * j + 16], weights,
+                                                  L[16 * j:16 * j + 16], Laux,
+                                                  f32(-0.9), f32(0.05), 36, False)
+        dm = make_qp_quants(QK_K // 16, 15, scales, Ls, sw)
+        mm = make_qp_quants(QK_K // 16, 15, mins, Lm, sw)
+        _put_f16(y, 80, dm)
+        _put_f16(y, 82, mm)
+        for j in range(QK_K // 16):
+            y[j] = (np.int32(Ls[j]) | (np.int32(Lm[j]) << 4)) & 0xFF
+    _finish_block_q2_K(x, y, L)
+
+
+@njit(parallel=True, **_jit)
+def quantize_q2_K(x, qw, out):
+    n_rows, n = x.shape
+    for r in prange(n_rows):
+        L = np.empty(QK_K, dtype=np.uint8)
+        Laux = np.empty(16, dtype=np.uint8)
+        weights = np.empty(16, dtype=np.float32)
+        sw = np.empty(QK_K // 16, dtype=np.float32)
+        scales = np.empty(QK_K // 16, dtype=np.float32)
+        mins = np.empty(QK_K // 16, dtype=np.float32)
+        Ls = np.empty(QK_K // 16, dtype=np.uint8)
+        Lm = np.empty(QK_K // 16, dtype=np.uint8)
+        for i in range(n // QK_K):
+            _quantize_block_q2_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
+                                 out[r, 84 * i:84 * (i + 1)], L, Laux, weights, sw, scales, mins,
+                                 Ls, Lm)
+
+
+@njit(parallel=True, **_jit)
+def dequantize_q2_K(data, out):
+    n_rows, n = out.shape
+    for r in prange(n_rows):
+        for i in range(n // QK_K):
+            b = data[r, 84 * i:84 * (i + 1)]
+            y = out[r, QK_K * i:QK_K * (i + 1)]
+            d = _get_f16(b, 80)
+            dmin = _get_f16(b, 82)
+            for j in range(QK_K // 16):  # sub-block j: 16 weights, bits 2*((j//2)%4) of qs
+                sc = b[j]
+                dl = d * f32(sc & 0xF)
+                ml = dmin * f32(sc >> 4)
+                shift = 2 * ((j // 2) % 4)
+                q = 16 + 32 * (j // 8) + 16 * (j % 2)
+                for l in range(16):
+                    y[16 * j + l] = dl * f32((b[q + l] >> shift) & 3) - ml
+
+
+register(QT.Q2_K, quantize=quantize_q2_K, dequantize=dequantize_q2_K)
+register(QT.Q3_K, quantize=quantize_q3_K, dequantize=dequantize_q3_K)
 register(QT.Q4_K, quantize=quantize_q4_K, dequantize=dequantize_q4_K)
 register(QT.Q6_K, quantize=quantize_q6_K, dequantize=dequantize_q6_K)
+register(QT.Q5_K, quantize=quantize_q5_K, dequantize=dequantize_q5_K)
