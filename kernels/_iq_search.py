@@ -1,0 +1,114 @@
+"""Scalar pieces shared by the grid I-quant quantizers (IQ3, IQ2, IQ1), ported from ggml-quants.c.
+
+All arithmetic is float32 in ggml's operation order; ``grid``/``kmap``/``nbr`` are the tables of
+:func:`._iq_grids.quant_tables`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ._fp import f32, f32_bits
+
+FLT_MAX = f32(3.4028234663852886e38)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def nearest_int_c(fval):
+    """ggml's nearest_int bit trick (fval + 1.5*2**23), also for out-of-range inputs."""
+    val = f32(fval) + f32(12582912.0)
+    return np.int32(f32_bits(val) & np.uint32(0x007FFFFF)) - np.int32(0x00400000)
+
+
+@njit(cache=True, nogil=True)
+def best_neighbour(nbr, start, grid, xval, weight, off, scale, L):
+    """iq2/iq3_find_best_neighbour: the candidate grid point nearest (weighted) to xval/scale.
+
+    Writes its levels to ``L[off:off+dim]`` and returns its index.
+    """
+    dim = grid.shape[1]
+    best_d2 = FLT_MAX
+    gi = -1
+    for j in range(1, np.int32(nbr[start]) + 1):
+        g = np.int32(nbr[start + j])
+        d2 = f32(0.0)
+        for i in range(dim):
+            diff = scale * f32(grid[g, i]) - xval[off + i]
+            d2 += weight[off + i] * diff * diff
+        if d2 < best_d2:
+            best_d2 = d2
+            gi = g
+    if gi < 0:  # ggml aborts here (all distances NaN/inf); never reached for finite input
+        gi = np.int32(nbr[start + 1])
+    for i in range(dim):
+        L[off + i] = (grid[gi, i] - 1) // 2
+    return gi
+
+
+@njit(cache=True, nogil=True)
+def imatrix_weights(xb, qw, has_qw, sigma2, weight, waux):
+    """weight = qw * sqrt(sigma2 + x^2) (x^2 without imatrix); waux = sqrt(weight)."""
+    for i in range(xb.size):
+        if has_qw:
+            weight[i] = qw[i] * np.sqrt(sigma2 + xb[i] * xb[i])
+        else:
+            weight[i] = xb[i] * xb[i]
+    for i in range(xb.size):
+        waux[i] = np.sqrt(weight[i])
+
+
+@njit(cache=True, nogil=True)
+def fold_signs_even(xb, weight, xval, k):
+    """|x| of 8 values into xval; if an odd number were negative, flip the least important one.
+
+    Returns the 7 stored sign bits (the 8th is implied by even parity: ksigns_iq2xs).
+    """
+    nflip = 0
+    s = 0
+    for i in range(8):
+        v = xb[8 * k + i]
+        if v >= f32(0.0):
+            xval[8 * k + i] = v
+        else:
+            xval[8 * k + i] = -v
+            nflip += 1
+            s |= 1 << i
+    if nflip % 2:
+        imin = 0
+        mn = weight[8 * k] * xb[8 * k] * xb[8 * k]
+        for i in range(1, 8):
+            ax = weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i]
+            if ax < mn:
+                mn = ax
+                imin = i
+        xval[8 * k + imin] = -xval[8 * k + imin]
+        s ^= 1 << imin
+    return s & 127
+
+
+@njit(cache=True, nogil=True, inline="always")
+def fmax_c(a, b):
+    """C's MAX(a, b) macro: ``a > b ? a : b``."""
+    return a if a > b else b
+
+
+@njit(cache=True, nogil=True)
+def sum_sq(x):
+    s = f32(0.0)
+    for i in range(x.size):
+        s += x[i] * x[i]
+    return s
+
+
+@njit(cache=True, nogil=True)
+def weighted_sums(weight, xval, L):
+    """sumqx = sum w*x*q, sumq2 = sum w*q*q with q = 2*L+1 (ggml's order)."""
+    sumqx = f32(0.0)
+    sumq2 = f32(0.0)
+    for i in range(xval.size):
+        w = weight[i]
+        q = f32(2 * L[i] + 1)
+        sumqx += w * xval[i] * q
+        sumq2 += w * q * q
+    return sumqx, sumq2
