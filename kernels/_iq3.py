@@ -18,7 +18,7 @@ QK_K = 256
 GROUP_MAX_EPS_IQ3_XXS = f32(1e-8)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _snap4(xval, k, inv, L):
     """Round 4 values to levels 0..7 at scale 1/inv; returns their packed 12-bit pattern."""
     u = 0

@@ -21,7 +21,7 @@ def nearest_int_c(fval):
     return np.int32(f32_bits(val) & np.uint32(0x007FFFFF)) - np.int32(0x00400000)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def best_neighbour(nbr, start, grid, xval, weight, off, scale, L):
     """iq2/iq3_find_best_neighbour: the candidate grid point nearest (weighted) to xval/scale.
 
@@ -101,7 +101,7 @@ def sum_sq(x):
     return s
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def weighted_sums(weight, xval, L):
     """sumqx = sum w*x*q, sumq2 = sum w*q*q with q = 2*L+1 (ggml's order)."""
     sumqx = f32(0.0)
