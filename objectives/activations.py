@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -165,6 +165,26 @@ class ActivationStats:
                    for n in self.names}
         max_count = max((int(e.counts.max()) for e in entries.values()), default=0)
         return ImatrixData(entries, list(datasets), max_count // chunk_size if chunk_size else 0, chunk_size)
+
+
+class _Forward(Protocol):  # objectives.forward.BlockwiseForward
+    def hidden_states(self, tokens, overrides=None, capture=None) -> torch.Tensor: ...
+
+    def head(self, hidden, overrides=None, capture=None, log_probs=False): ...
+
+
+def collect(forward: _Forward, chunks: Sequence[np.ndarray], stats: ActivationStats,
+            chunks_per_pass: int = 8) -> ActivationStats:
+    """Run ``chunks`` (each ``n_ctx`` tokens, see :func:`calibration_chunks`) through ``forward``,
+    feeding every matmul input to ``stats``; the lm head only runs when it is collected
+    (``process_output``). ``chunks_per_pass`` bounds the resident hidden states."""
+    for s in range(0, len(chunks), chunks_per_pass):
+        tokens = np.stack(chunks[s:s + chunks_per_pass])  # (n_seq, n_ctx)
+        hidden = forward.hidden_states(tokens, capture=stats)
+        if stats.config.process_output:
+            for _ in forward.head(hidden, capture=stats):
+                pass
+    return stats
 
 
 def _check_finite(name: str, v: torch.Tensor) -> None:

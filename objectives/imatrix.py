@@ -209,6 +209,9 @@ def write_imatrix(path: str | os.PathLike[str], data: ImatrixData) -> Path:
         raise ValueError("an imatrix needs at least one dataset name (ImatrixData.datasets)")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file an ordinary file's mode
     try:
         writer = GGUFWriter(tmp, arch="imatrix")
         writer.kv_data[0].pop("general.architecture", None)  # llama-imatrix writes no architecture

@@ -205,9 +205,10 @@ def test_llama_imatrix_reads_and_rewrites_ours(tmp_path):
     exe = _tool("llama-imatrix")
     data = _sample()
     ours = write_imatrix(tmp_path / "ours.gguf", data)
-    _run([exe, "--in-file", ours, "-o", tmp_path / "back.gguf"])
+    model = _demo_model()  # required by the argument parser, not loaded when only combining files
+    _run([exe, "-m", model, "--in-file", ours, "-o", tmp_path / "back.gguf"])
     _assert_same(data, read_imatrix(tmp_path / "back.gguf"))
-    _run([exe, "--in-file", ours, "-o", tmp_path / "back.dat", "--output-format", "dat"])
+    _run([exe, "-m", model, "--in-file", ours, "-o", tmp_path / "back.dat", "--output-format", "dat"])
     legacy = read_imatrix(tmp_path / "back.dat")
     assert legacy.datasets == data.datasets[-1:]
     for name in data.entries:
