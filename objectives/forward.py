@@ -1,0 +1,141 @@
+"""Block-by-block forward pass over GGUF-named weights.
+
+The hidden states of all calibration sequences stay resident, (n_seq, T, d) float32, while the
+weights of one block at a time are loaded, used for every sequence, and freed, so a model larger
+than RAM runs as long as one block and the hidden states fit. Logits come out per batch of
+sequences and are never all held at once::
+
+    fwd = BlockwiseForward(GGUFSource("model.gguf"))
+    for start, logp in fwd.logits(tokens, log_probs=True):   # tokens: (n_seq, T) int
+        ...                                                   # logp: (B, T, n_vocab)
+
+``overrides`` maps tensor names to replacement float32 weights (a dequantized candidate), shaped
+as ``source.shape(name)``; ``capture(name, x)`` sees the input of every linear weight.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+
+from .architectures import architecture
+from .blocks import Capture, LayerWeights, Rope, block, rms_norm
+from .errors import ModelError
+from .model import WeightSource
+
+log = logging.getLogger(__name__)
+
+Overrides = Mapping[str, "np.ndarray | torch.Tensor"]
+
+
+class BlockwiseForward:
+    """Runs one model's forward pass block by block on ``device`` ("cpu", "cuda", ...)."""
+
+    def __init__(self, source: WeightSource, device: str | torch.device = "cpu", batch_size: int = 4):
+        self.source = source
+        self.cfg = source.config
+        self.spec = architecture(self.cfg.arch)
+        self.device = torch.device(device)
+        self.batch_size = batch_size  # sequences per block call: bounds activation memory
+        names = source.names()
+        self._block_names = [[n for n in names if n.startswith(f"blk.{il}.")] for il in range(self.cfg.n_layer)]
+        self._has_output = "output.weight" in names
+        self._rope_factors = (torch.from_numpy(source.load("rope_freqs.weight"))
+                              if "rope_freqs.weight" in names else None)
+        self._ropes: dict[tuple, Rope] = {}
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def weight(self, name: str, overrides: Overrides | None = None) -> torch.Tensor:
+        """One float32 tensor on the device: the override where given, else the model's."""
+        if overrides is not None and name in overrides:
+            w = torch.as_tensor(overrides[name], dtype=torch.float32)
+            if tuple(w.shape) != self.source.shape(name):
+                raise ModelError(f"override for {name!r} has shape {tuple(w.shape)}, "
+                                 f"expected {self.source.shape(name)}")
+        else:
+            w = torch.from_numpy(self.source.load(name))
+        return w.to(self.device)
+
+    def layer_weights(self, il: int, overrides: Overrides | None = None) -> LayerWeights:
+        prefix = len(f"blk.{il}.")
+        return LayerWeights(il, {n[prefix:]: self.weight(n, overrides) for n in self._block_names[il]})
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def embed(self, tokens: np.ndarray | torch.Tensor, overrides: Overrides | None = None) -> torch.Tensor:
+        """Token embeddings (n_seq, T, d) of tokens (n_seq, T)."""
+        tok = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
+        if tok.ndim != 2:
+            raise ValueError(f"tokens must be (n_seq, seq_len), got shape {tuple(tok.shape)}")
+        if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= self.cfg.n_vocab):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.n_vocab})")
+        h = torch.nn.functional.embedding(tok, self.weight("token_embd.weight", overrides))
+        if self.spec.embed_scale:
+            h *= float(np.sqrt(np.float32(self.cfg.n_embd)))
+        return h
+
+    def _rope(self, il: int, n_ctx: int) -> Rope:
+        cfg = self.cfg
+        base, scale = (cfg.rope_base_swa, 1.0) if cfg.is_swa(il) else (cfg.rope_base, cfg.rope_scale)
+        key = (n_ctx, base, scale)
+        if key not in self._ropes:
+            self._ropes[key] = Rope.build(n_ctx, cfg.n_rot, base, scale, self._rope_factors,
+                                          self.spec.rope_neox, self.device)
+        return self._ropes[key]
+
+    def _mask(self, il: int, n_ctx: int) -> torch.Tensor | None:
+        """None (plain causal) unless layer il slides a window shorter than the sequence."""
+        w = self.cfg.sliding_window
+        if not self.cfg.is_swa(il) or n_ctx <= w:
+            return None
+        i = torch.arange(n_ctx, device=self.device)
+        dist = i[:, None] - i[None, :]  # query position - key position
+        return (dist >= 0) & (dist < w)  # llama_hparams::is_masked_swa (STANDARD)
+
+    def run_block(self, il: int, hidden: torch.Tensor, overrides: Overrides | None = None,
+                  capture: Capture | None = None) -> None:
+        """Apply block il to hidden (n_seq, T, d) in place, batch_size sequences at a time."""
+        lw = self.layer_weights(il, overrides)
+        T = hidden.shape[1]
+        rope, mask = self._rope(il, T), self._mask(il, T)
+        with torch.inference_mode():
+            for s in range(0, hidden.shape[0], self.batch_size):
+                hidden[s:s + self.batch_size] = block(self.spec, self.cfg, lw, hidden[s:s + self.batch_size],
+                                                      rope, mask, capture)
+        del lw
+
+    def head(self, hidden: torch.Tensor, overrides: Overrides | None = None, capture: Capture | None = None,
+             log_probs: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, logits (B, T, n_vocab)) per batch of sequences: output norm, lm head, softcap."""
+        out_name = "output.weight" if self._has_output else "token_embd.weight"  # tied embeddings
+        norm, w_out = self.weight("output_norm.weight", overrides), self.weight(out_name, overrides)
+        cap = self.cfg.final_logit_softcap
+        with torch.inference_mode():
+            for s in range(0, hidden.shape[0], self.batch_size):
+                x = rms_norm(hidden[s:s + self.batch_size], norm, self.cfg.rms_eps)
+                if capture is not None:
+                    capture(out_name, x.reshape(-1, x.shape[-1]))
+                logits = torch.nn.functional.linear(x, w_out)
+                if cap > 0:
+                    logits = torch.tanh(logits / cap) * cap
+                yield s, torch.log_softmax(logits, dim=-1) if log_probs else logits
+
+    def hidden_states(self, tokens: np.ndarray | torch.Tensor, overrides: Overrides | None = None,
+                      capture: Capture | None = None) -> torch.Tensor:
+        """The residual stream (n_seq, T, d) after the last block."""
+        with torch.inference_mode():
+            hidden = self.embed(tokens, overrides)
+        for il in range(self.cfg.n_layer):
+            self.run_block(il, hidden, overrides, capture)
+            log.debug("block %d/%d done", il + 1, self.cfg.n_layer)
+        return hidden
+
+    def logits(self, tokens: np.ndarray | torch.Tensor, overrides: Overrides | None = None,
+               capture: Capture | None = None, log_probs: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+        """Run every block, then yield (start, logits or log-probs (B, T, n_vocab)) per batch."""
+        hidden = self.hidden_states(tokens, overrides, capture)
+        yield from self.head(hidden, overrides, capture, log_probs)

@@ -1,0 +1,229 @@
+"""A Hugging Face checkpoint folder (config.json + *.safetensors) under GGUF tensor names.
+
+Names are mapped with gguf-py's ``TensorNameMap``, and each tensor gets the changes llama.cpp's
+``convert_hf_to_gguf.py`` makes, so that the forward pass sees exactly what it would see in the
+converted GGUF file: q/k rows permuted for llama (``LlamaModel.permute``), ``+1`` on Gemma 3 norms,
+and llama-3 RoPE frequency factors as ``rope_freqs.weight``. Tensors are read one at a time
+through ``safetensors.safe_open`` (never ``torch.load``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from safetensors import safe_open
+
+from dynsearch.kernels import QT
+
+from .architectures import ArchSpec, architecture_for_hf, swa_layers_from_pattern
+from .errors import ModelError
+from .model import ModelConfig, missing_tensor
+
+_DTYPES = {"F32": QT.F32, "F16": QT.F16, "BF16": QT.BF16}
+# Prefixes of the text model inside multimodal checkpoints (Gemma3ForConditionalGeneration).
+_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+             ("language_model.lm_head.", "lm_head."))
+_SKIP = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    hf_name: str
+    shape: tuple[int, ...]
+    qtype: QT
+
+
+class SafetensorsSource:
+    """A checkpoint folder as a :class:`~dynsearch.objectives.model.WeightSource`."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder)
+        cfg_file = self.path / "config.json"
+        if not cfg_file.is_file():
+            raise ModelError(f"{self.path}: no config.json")
+        hparams = json.loads(cfg_file.read_text())
+        if "text_config" in hparams:  # multimodal: the text model's parameters win, as in the converter
+            hparams = {**hparams, **hparams["text_config"]}
+        self.spec = architecture_for_hf(hparams.get("architectures") or [])
+        self.hparams = hparams
+        self._entries = self._index(gguf.get_tensor_name_map(_model_arch(self.spec.name), hparams["num_hidden_layers"]))
+        if "token_embd.weight" not in self._entries:
+            raise missing_tensor(self.path.name, "token_embd.weight")
+        self._rope_freqs = _llama3_rope_factors(hparams)
+        self.config = config_from_hf(self.spec, hparams, self._entries["token_embd.weight"].shape[0])
+
+    def _files(self) -> dict[str, Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: self.path / f for name, f in weight_map.items()}
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise ModelError(f"{self.path}: no *.safetensors files")
+        out = {}
+        for f in files:
+            with safe_open(f, framework="pt") as st:
+                out.update({name: f for name in st.keys()})
+        return out
+
+    def _index(self, tmap: gguf.TensorNameMap) -> dict[str, _Entry]:
+        entries: dict[str, _Entry] = {}
+        by_file: dict[Path, list[str]] = {}
+        for name, f in self._files().items():
+            by_file.setdefault(f, []).append(name)
+        for f, names in by_file.items():
+            if not f.is_file():
+                raise ModelError(f"{f}: no such file (listed in model.safetensors.index.json)")
+            with safe_open(f, framework="pt") as st:
+                for hf_name in names:
+                    if hf_name.startswith(_SKIP):
+                        continue
+                    mapped = _strip_prefix(hf_name)
+                    gguf_name = tmap.get_name(mapped, try_suffixes=(".weight", ".bias"))
+                    if gguf_name is None:
+                        continue  # rotary inv_freq buffers and the like: not weights llama.cpp keeps
+                    sl = st.get_slice(hf_name)
+                    dtype = sl.get_dtype()
+                    if dtype not in _DTYPES:
+                        raise ModelError(f"{f.name}: tensor {hf_name} has dtype {dtype}, expected F32/F16/BF16")
+                    entries[gguf_name] = _Entry(f, hf_name, tuple(sl.get_shape()), _DTYPES[dtype])
+        return entries
+
+    def names(self) -> list[str]:
+        return list(self._entries) + (["rope_freqs.weight"] if self._rope_freqs is not None else [])
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise missing_tensor(self.path.name, name) from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name == "rope_freqs.weight" and self._rope_freqs is not None:
+            return self._rope_freqs.shape
+        return self._entry(name).shape
+
+    def qtype(self, name: str) -> QT:
+        if name == "rope_freqs.weight" and self._rope_freqs is not None:
+            return QT.F32
+        return self._entry(name).qtype
+
+    def load(self, name: str) -> np.ndarray:
+        if name == "rope_freqs.weight" and self._rope_freqs is not None:
+            return self._rope_freqs.copy()
+        e = self._entry(name)
+        with safe_open(e.file, framework="pt") as st:
+            w = st.get_tensor(e.hf_name).float().numpy()
+        return self._convert(name, np.ascontiguousarray(w, dtype=np.float32))
+
+    def _convert(self, name: str, w: np.ndarray) -> np.ndarray:
+        """The changes convert_hf_to_gguf.py makes to this tensor."""
+        cfg = self.config
+        if self.spec.hf_permute_qk:
+            if name.endswith(("attn_q.weight", "attn_q.bias")):
+                w = permute_qk(w, cfg.n_head)
+            elif name.endswith(("attn_k.weight", "attn_k.bias")):
+                w = permute_qk(w, cfg.n_head_kv)
+        if self.spec.hf_norm_shift and name.endswith("norm.weight"):
+            w = w + np.float32(self.spec.hf_norm_shift)
+        return w
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.permute: HF's half-split RoPE rows to llama.cpp's pairs."""
+    return np.ascontiguousarray(
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def _model_arch(name: str) -> gguf.MODEL_ARCH:
+    for arch, arch_name in gguf.MODEL_ARCH_NAMES.items():
+        if arch_name == name:
+            return arch
+    raise ModelError(f"gguf-py does not know architecture {name!r}")
+
+
+def _strip_prefix(name: str) -> str:
+    for old, new in _PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def _rope_parameters(hp: dict[str, Any]) -> dict[str, Any]:
+    rp = dict(hp.get("rope_parameters") or hp.get("rope_scaling") or {})
+    rp = dict(rp.get("full_attention", rp))
+    if "rope_type" not in rp and "type" in rp:
+        rp["rope_type"] = rp["type"]
+    rp.setdefault("rope_theta", hp.get("rope_theta", 10000.0))
+    return rp
+
+
+def _llama3_rope_factors(hp: dict[str, Any]) -> np.ndarray | None:
+    """convert_hf_to_gguf.py LlamaModel.generate_extra_tensors: llama-3 RoPE frequency factors."""
+    rp = _rope_parameters(hp)
+    if str(rp.get("rope_type", "")).lower() != "llama3":
+        return None
+    base = rp["rope_theta"]
+    dim = hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = rp.get("factor", 8.0)
+    low, high = rp.get("low_freq_factor", 1.0), rp.get("high_freq_factor", 4.0)
+    old_ctx = rp.get("original_max_position_embeddings", 8192)
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def config_from_hf(spec: ArchSpec, hp: dict[str, Any], n_vocab: int) -> ModelConfig:
+    """ModelConfig from config.json, as convert_hf_to_gguf.py would write it to GGUF metadata."""
+    n_layer, n_embd, n_head = hp["num_hidden_layers"], hp["hidden_size"], hp["num_attention_heads"]
+    head_dim = hp.get("head_dim") or n_embd // n_head
+    rp = _rope_parameters(hp)
+    rope_type = str(rp.get("rope_type", "default")).lower()
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ModelError(f"rope scaling {rope_type!r} is not supported yet")
+    factor = rp.get("factor") if rope_type == "linear" else None
+    sliding_window, swa, attn_scale = 0, (), 0.0
+    if spec.name == "gemma3":
+        sliding_window = hp.get("sliding_window") or 0
+        if "layer_types" in hp:
+            swa = tuple(t == "sliding_attention" for t in hp["layer_types"])
+        else:
+            swa = swa_layers_from_pattern(n_layer, hp.get("sliding_window_pattern", spec.swa_pattern))
+        attn_scale = hp.get("query_pre_attn_scalar", head_dim) ** -0.5
+    local = (hp.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta")
+    return ModelConfig(
+        arch=spec.name,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_ff=hp["intermediate_size"],
+        n_head=n_head,
+        n_head_kv=hp.get("num_key_value_heads") or n_head,
+        head_dim=head_dim,
+        head_dim_v=head_dim,
+        n_vocab=n_vocab,
+        rms_eps=hp.get("rms_norm_eps", 1e-6),
+        n_rot=int(head_dim * hp.get("partial_rotary_factor", 1.0)),
+        rope_base=float(rp["rope_theta"]),
+        rope_scale=1.0 / factor if factor else 1.0,
+        rope_base_swa=float(local or hp.get("rope_local_base_freq", 10000.0)),
+        sliding_window=sliding_window,
+        swa_layers=swa,
+        attn_scale=attn_scale,
+        final_logit_softcap=hp.get("final_logit_softcapping") or 0.0,
+    )
