@@ -104,8 +104,9 @@ class ImatrixData:
             a = out[n]
             if a.in_sum2.size != e.in_sum2.size:
                 raise ValueError(f"{n}: sizes differ ({a.in_sum2.size} vs {e.in_sum2.size})")
-            counts = a.counts + e.counts if a.n_mat == e.n_mat else np.broadcast_to(a.counts, e.counts.shape) + e.counts
-            out[n] = ImatrixEntry(a.in_sum2.reshape(e.in_sum2.shape) + e.in_sum2, counts)
+            shape = max(a.in_sum2.shape, e.in_sum2.shape)  # one count broadcast to every expert
+            counts = np.broadcast_to(a.counts, shape[:1]) + np.broadcast_to(e.counts, shape[:1])
+            out[n] = ImatrixEntry(a.in_sum2.reshape(shape) + e.in_sum2.reshape(shape), counts)
         size = self.chunk_size or other.chunk_size
         max_count = max((int(e.counts.max()) for e in out.values() if e.counts.size), default=0)
         return ImatrixData(out, self.datasets + other.datasets,

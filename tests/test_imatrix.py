@@ -160,6 +160,11 @@ def test_merge_sums_like_in_file():
         np.testing.assert_allclose(m.entries[name].in_sum2, a.entries[name].in_sum2 + b.entries[name].in_sum2)
         np.testing.assert_array_equal(m.entries[name].counts, a.entries[name].counts + b.entries[name].counts)
     assert m.datasets == a.datasets + b.datasets and m.chunk_count == 6
+    # an old file with one count for a whole expert stack: the count is broadcast (imatrix.cpp)
+    old = ImatrixData({"blk.1.ffn_up_exps.weight": ImatrixEntry(np.ones((1, 4 * 64)), [10])}, ["o"], 0, 512)
+    for merged in (old.merge(a), a.merge(old)):
+        e = merged.entries["blk.1.ffn_up_exps.weight"]
+        assert e.in_sum2.shape == (4, 64) and e.counts.tolist() == [17, 11, 10, 13]
 
 
 # --------------------------------------------------------------------------------- llama.cpp tools
