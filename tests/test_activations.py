@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dynsearch.objectives.activations import (ActivationStats, CaptureConfig, calibration_chunks, imatrix_collects,
-                                              input_group)
+from dynsearch.objectives.activations import (ActivationStats, CaptureConfig, calibration_chunks, collect,
+                                              imatrix_collects, input_group)
 from dynsearch.objectives.imatrix import read_imatrix, write_imatrix
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -134,3 +134,32 @@ def test_calibration_chunks():
     assert calibration_chunks(toks, 512, skip_chunks=1)[0][5] == toks[512 + 5]
     with pytest.raises(ValueError):
         calibration_chunks(toks[:1000], 512)
+
+
+class _FakeForward:
+    """Stands in for BlockwiseForward: one 'linear' per chunk batch, and an lm head."""
+
+    def __init__(self):
+        self.batches = []
+
+    def hidden_states(self, tokens, overrides=None, capture=None):
+        self.batches.append(tokens.shape)
+        x = torch.as_tensor(tokens, dtype=torch.float32)
+        capture("blk.0.ffn_down.weight", x.reshape(-1, 1))
+        return x[..., None]
+
+    def head(self, hidden, overrides=None, capture=None, log_probs=False):
+        capture("output.weight", hidden.reshape(-1, 1))
+        yield 0, hidden
+
+
+@pytest.mark.parametrize("process_output", [False, True])
+def test_collect_runs_every_chunk_once(process_output):
+    chunks = calibration_chunks(np.arange(1, 5 * 32 + 7), 32)
+    fwd = _FakeForward()
+    stats = collect(fwd, chunks, ActivationStats(CaptureConfig(process_output=process_output)), chunks_per_pass=2)
+    assert fwd.batches == [(2, 32), (2, 32), (1, 32)]
+    want = float(sum((c.astype(np.float64) ** 2).sum() for c in chunks))
+    im = stats.imatrix(["t"], 32)
+    assert im.entries["blk.0.ffn_down.weight"].in_sum2[0, 0] == pytest.approx(want, rel=1e-6)
+    assert im.chunk_count == 5 and ("output.weight" in im.entries) == process_output
