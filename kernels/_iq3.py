@@ -11,75 +11,11 @@ import numpy as np
 from numba import njit, prange
 
 from ._fp import f32, fp32_to_fp16
-from ._iq_search import (best_neighbour, fmax_c, fold_signs_even, imatrix_weights, nearest_int_c,
-                         sum_sq, weighted_sums)
+from ._iq_search import (fmax_c, fold_signs_even, grid_index, imatrix_weights, nearest_int_c,
+                         search_scale, sum_sq)
 
 QK_K = 256
 GROUP_MAX_EPS_IQ3_XXS = f32(1e-8)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _snap4(xval, k, inv, L):
-    """Round 4 values to levels 0..7 at scale 1/inv; returns their packed 12-bit pattern."""
-    u = 0
-    for i in range(4):
-        l = nearest_int_c(f32(0.5) * (inv * xval[4 * k + i] - f32(1.0)))
-        l = max(0, min(7, l))
-        L[4 * k + i] = l
-        u |= l << (3 * i)
-    return u
-
-
-@njit(cache=True, nogil=True)
-def _search_scale(xval, weight, waux, L, Laux, on, on_aux, grid, kmap, nbr, mx, n_is,
-                  init_on, skip_on_grid):
-    """The scale search and refinement of one sub-block; leaves the levels in ``L``."""
-    nk = xval.size // 4
-    best = f32(0.0)
-    scale = mx / f32(15.0)
-    for k in range(nk):
-        on[k] = init_on
-    for is_ in range(-n_is, n_is + 1):
-        inv = (f32(15.0) + f32(is_) * f32(0.2)) / mx
-        this_scale = f32(1.0) / inv
-        for k in range(nk):
-            gi = kmap[_snap4(xval, k, inv, Laux)]
-            on_aux[k] = True
-            if gi < 0:
-                on_aux[k] = False
-                best_neighbour(nbr, -gi - 1, grid, xval, waux, 4 * k, this_scale, Laux)
-        sumqx, sumq2 = weighted_sums(weight, xval, Laux)
-        if sumq2 > f32(0.0) and sumqx * sumqx > best * sumq2:
-            scale = sumqx / sumq2
-            best = scale * sumqx
-            L[:] = Laux
-            on[:] = on_aux
-    n_off = 0
-    for k in range(nk):
-        if not on[k]:
-            n_off += 1
-    if n_off > 0 and scale > f32(0.0):
-        inv = f32(1.0) / scale
-        for k in range(nk):
-            if skip_on_grid and on[k]:
-                continue
-            gi = kmap[_snap4(xval, k, inv, Laux)]
-            if gi < 0:
-                gi = best_neighbour(nbr, -gi - 1, grid, xval, waux, 4 * k, scale, L)
-            for i in range(4):
-                L[4 * k + i] = (grid[gi, i] - 1) // 2
-        sumqx, sumq2 = weighted_sums(weight, xval, L)
-        if sumq2 > f32(0.0):
-            scale = sumqx / sumq2
-    return scale
-
-
-@njit(cache=True, nogil=True)
-def _grid_index(L, k, kmap):
-    u = 0
-    for i in range(4):
-        u |= np.int32(L[4 * k + i]) << (3 * i)
-    return kmap[u]
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -118,14 +54,14 @@ def quantize_iq3_xxs_k(x, qw, out, grid, kmap, nbr):
                 if mx < GROUP_MAX_EPS_IQ3_XXS:
                     scales[ib] = f32(0.0)
                     continue
-                scale = _search_scale(xval, weight, waux, L, Laux, on, on_aux, grid, kmap, nbr,
-                                      mx, 15, True, True)
+                scale = search_scale(xval, weight, waux, L, Laux, on, on_aux, grid, kmap, nbr,
+                                     mx, mx / f32(15.0), 15, f32(0.2), 8, True, True, False)
                 if scale < f32(0.0):  # "should never happen" in ggml; mirrored anyway
                     scale = -scale
                     for k in range(4):
                         signs[k] = ~signs[k] & np.uint32(127)
                 for k in range(8):
-                    q3[8 * ib + k] = np.uint8(_grid_index(L, k, kmap))
+                    q3[8 * ib + k] = np.uint8(grid_index(L, k, kmap))
                 sas[ib] = signs[0] | (signs[1] << 7) | (signs[2] << 14) | (signs[3] << 21)
                 scales[ib] = scale
                 max_scale = fmax_c(max_scale, scale)
@@ -190,14 +126,14 @@ def quantize_iq3_s_k(x, qw, out, grid, kmap, nbr):
                 if mx == f32(0.0):
                     scales[ib] = f32(0.0)
                     continue
-                scale = _search_scale(xval, weight, waux, L, Laux, on, on_aux, grid, kmap, nbr,
-                                      mx, 9, False, False)
+                scale = search_scale(xval, weight, waux, L, Laux, on, on_aux, grid, kmap, nbr,
+                                     mx, mx / f32(15.0), 9, f32(0.2), 8, False, False, False)
                 if scale < f32(0.0):
                     scale = -scale
                     for k in range(4):
                         signs[k] = ~signs[k]
                 for k in range(8):
-                    gi = _grid_index(L, k, kmap)
+                    gi = grid_index(L, k, kmap)
                     blk[qs_off + k] = np.uint8(gi & 255)
                     blk[66 + ib] |= np.uint8((gi >> 8) << k)
                 qs_off += 8

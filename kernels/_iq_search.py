@@ -112,3 +112,76 @@ def weighted_sums(weight, xval, L):
         sumqx += w * xval[i] * q
         sumq2 += w * q * q
     return sumqx, sumq2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _snap(xval, k, dim, kmaxq, inv, L):
+    """Round ``dim`` values to levels 0..kmaxq-1 at scale 1/inv; returns the packed pattern."""
+    bits = 3 if dim == 4 else 2
+    u = 0
+    for i in range(dim):
+        l = nearest_int_c(f32(0.5) * (inv * xval[dim * k + i] - f32(1.0)))
+        l = max(0, min(kmaxq - 1, l))
+        L[dim * k + i] = l
+        u |= l << (bits * i)
+    return u
+
+
+@njit(cache=True, nogil=True, inline="always")
+def search_scale(xval, weight, waux, L, Laux, on, on_aux, grid, kmap, nbr, mx, scale, n_is, step,
+                 kmaxq, init_on, skip_on_grid, always_refine):
+    """Scale search + refinement of one sub-block (quantize_row_iq2_*/iq3_*_impl); levels -> L.
+
+    Tries ``id = (2*kmaxq - 1 + is*step) / mx`` for |is| <= n_is, snapping each group of 4/8
+    levels to the grid; keeps the best weighted fit, then re-snaps the off-grid groups (all
+    groups when ``always_refine``) at the fitted scale and refits it.
+    """
+    dim = grid.shape[1]
+    nk = xval.size // dim
+    best = f32(0.0)
+    for k in range(nk):
+        on[k] = init_on
+    for is_ in range(-n_is, n_is + 1):
+        inv = (f32(2 * kmaxq - 1) + f32(is_) * step) / mx
+        this_scale = f32(1.0) / inv
+        for k in range(nk):
+            gi = kmap[_snap(xval, k, dim, kmaxq, inv, Laux)]
+            on_aux[k] = True
+            if gi < 0:
+                on_aux[k] = False
+                best_neighbour(nbr, -gi - 1, grid, xval, waux, dim * k, this_scale, Laux)
+        sumqx, sumq2 = weighted_sums(weight, xval, Laux)
+        if sumq2 > f32(0.0) and sumqx * sumqx > best * sumq2:
+            scale = sumqx / sumq2
+            best = scale * sumqx
+            L[:] = Laux
+            on[:] = on_aux
+    n_off = 0
+    for k in range(nk):
+        if not on[k]:
+            n_off += 1
+    if (always_refine or n_off > 0) and scale > f32(0.0):
+        inv = f32(1.0) / scale
+        for k in range(nk):
+            if skip_on_grid and on[k]:
+                continue
+            gi = kmap[_snap(xval, k, dim, kmaxq, inv, Laux)]
+            if gi < 0:
+                gi = best_neighbour(nbr, -gi - 1, grid, xval, waux, dim * k, scale, L)
+            for i in range(dim):
+                L[dim * k + i] = (grid[gi, i] - 1) // 2
+        sumqx, sumq2 = weighted_sums(weight, xval, L)
+        if sumq2 > f32(0.0):
+            scale = sumqx / sumq2
+    return scale
+
+
+@njit(cache=True, nogil=True)
+def grid_index(L, k, kmap):
+    """kmap entry of the levels of group ``k`` (>= 0 once they lie on the grid)."""
+    dim = 4 if kmap.size == 4096 else 8
+    bits = 3 if dim == 4 else 2
+    u = 0
+    for i in range(dim):
+        u |= np.int32(L[dim * k + i]) << (bits * i)
+    return kmap[u]

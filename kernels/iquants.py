@@ -25,6 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._fp import f32, f32_bits, fp16_to_fp32, fp32_to_fp16
+from ._iq2 import quantize_iq2_xs_k, quantize_iq2_xxs_k
 from ._iq3 import quantize_iq3_s_k, quantize_iq3_xxs_k
 from ._iq_grids import grid_table, ksigns_table, quant_tables
 from .registry import register
@@ -434,6 +435,14 @@ def dequantize_iq1_m(data, out):
 
 # The registered grid quantizers: fetch ggml's (lazily built, cached) neighbour tables first.
 
+def quantize_iq2_xxs(x, qw, out):
+    quantize_iq2_xxs_k(x, qw, out, *quant_tables(QT.IQ2_XXS))
+
+
+def quantize_iq2_xs(x, qw, out):
+    quantize_iq2_xs_k(x, qw, out, *quant_tables(QT.IQ2_XS))
+
+
 def quantize_iq3_xxs(x, qw, out):
     quantize_iq3_xxs_k(x, qw, out, *quant_tables(QT.IQ3_XXS))
 
@@ -444,8 +453,8 @@ def quantize_iq3_s(x, qw, out):
 
 register(QT.IQ4_NL, quantize=quantize_iq4_nl, dequantize=dequantize_iq4_nl)
 register(QT.IQ4_XS, quantize=quantize_iq4_xs, dequantize=dequantize_iq4_xs)
-register(QT.IQ2_XXS, dequantize=dequantize_iq2_xxs)
-register(QT.IQ2_XS, dequantize=dequantize_iq2_xs)
+register(QT.IQ2_XXS, quantize=quantize_iq2_xxs, dequantize=dequantize_iq2_xxs)
+register(QT.IQ2_XS, quantize=quantize_iq2_xs, dequantize=dequantize_iq2_xs)
 register(QT.IQ2_S, dequantize=dequantize_iq2_s)
 register(QT.IQ3_XXS, quantize=quantize_iq3_xxs, dequantize=dequantize_iq3_xxs)
 register(QT.IQ3_S, quantize=quantize_iq3_s, dequantize=dequantize_iq3_s)
