@@ -38,17 +38,6 @@ def _demo_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _dequantize_any(data: np.ndarray, qtype, n_per_row: int) -> np.ndarray:
-    """dynsearch's kernels, or gguf-py's where a kernel family has not landed yet (tests only)."""
-    from dynsearch.kernels import dequantize
-
-    try:
-        return dequantize(data, qtype, n_per_row)
-    except NotImplementedError:
-        flat = np.asarray(data).reshape(-1).view(np.uint8)
-        return gguf.quants.dequantize(flat, qtype).reshape(-1, n_per_row).astype(np.float32)
-
-
 def _english_text() -> str:
     """Deterministic English prose: docstrings of stdlib modules and their public members."""
     import argparse, collections, functools, json, logging, pathlib, textwrap  # noqa: E401
@@ -183,8 +172,7 @@ def test_tiny_model_matches_llamacpp(arch, llama_cpp, chunks, tmp_path):
 
 @pytest.mark.slow
 def test_demo_model_f32_matches_llamacpp(llama_cpp, chunks, tmp_path_factory):
-    path = write_dequantized_copy(_demo_path(), tmp_path_factory.mktemp("demo") / "smollm2-f32.gguf",
-                                  dequantize=_dequantize_any)
+    path = write_dequantized_copy(_demo_path(), tmp_path_factory.mktemp("demo") / "smollm2-f32.gguf")
     ref = _llamacpp_logprobs(llama_cpp, path, chunks)
     torch.set_num_threads(2)
     fwd = BlockwiseForward(GGUFSource(path), batch_size=2)
