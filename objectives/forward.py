@@ -68,7 +68,8 @@ class BlockwiseForward:
 
     def embed(self, tokens: np.ndarray | torch.Tensor, overrides: Overrides | None = None) -> torch.Tensor:
         """Token embeddings (n_seq, T, d) of tokens (n_seq, T)."""
-        tok = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
+        tok = (tokens if isinstance(tokens, torch.Tensor) else torch.from_numpy(np.asarray(tokens)))
+        tok = tok.to(device=self.device, dtype=torch.long)
         if tok.ndim != 2:
             raise ValueError(f"tokens must be (n_seq, seq_len), got shape {tuple(tok.shape)}")
         if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= self.cfg.n_vocab):
