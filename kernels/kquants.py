@@ -85,9 +85,17 @@ def _qx_weight(qw, i, xi, rmse_type):
     return np.sqrt(abs(xi))
 
 
+QX_TRIALS = 18  # make_qx_quants tries iscale = -(nmax + 0.1*is)/max for is in -9..9, is != 0
+
+
 @njit(**_jit)
-def make_qx_quants(n, nmax, x, L, rmse_type, qw):
-    """Symmetric scale search; ``L`` (int8) gets levels in [0, 2*nmax). Returns the scale."""
+def make_qx_quants(n, nmax, x, L, rmse_type, qw, tmp):
+    """Symmetric scale search; ``L`` (int8) gets levels in [0, 2*nmax). Returns the scale.
+
+    ``tmp`` is float32 scratch of at least ``2*n + 3*QX_TRIALS`` entries. The 18 trial scales
+    are independent of each other, so their sums are accumulated side by side (each in C's own
+    order, so every sum is bit-identical) and the winner is then picked in C's order.
+    """
     mx = _F0
     amax = _F0
     for i in range(n):
@@ -109,35 +117,44 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw):
     if rmse_type < 0:
         rmse_type = -rmse_type
         return_early = True
+    w = tmp[:n]
+    wx = tmp[n:2 * n]
     sumlx = _F0
     suml2 = _F0
     for i in range(n):
         l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
         L[i] = l + nmax
-        w = _qx_weight(qw, i, x[i], rmse_type)
+        w[i] = _qx_weight(qw, i, x[i], rmse_type)
+        wx[i] = w[i] * x[i]
         fl = f32(l)
-        sumlx += w * x[i] * fl
-        suml2 += w * fl * fl
+        sumlx += wx[i] * fl
+        suml2 += w[i] * fl * fl
     scale = sumlx / suml2 if suml2 != _F0 else _F0
     if return_early:
         return f32(0.5) * (scale + _F1 / iscale) if suml2 > _F0 else _F1 / iscale
     best = scale * sumlx
-    for is_ in range(-9, 10):
-        if is_ == 0:
-            continue
-        iscale = -(f32(nmax) + f32(0.1) * f32(is_)) / mx
-        sumlx = _F0
-        suml2 = _F0
-        for i in range(n):
-            fl = f32(max(-nmax, min(nmax - 1, nearest_int(iscale * x[i]))))
-            w = _qx_weight(qw, i, x[i], rmse_type)
-            sumlx += w * x[i] * fl
-            suml2 += w * fl * fl
-        if suml2 > _F0 and sumlx * sumlx > best * suml2:
+    its = tmp[2 * n:2 * n + QX_TRIALS]
+    slx = tmp[2 * n + QX_TRIALS:2 * n + 2 * QX_TRIALS]
+    sl2 = tmp[2 * n + 2 * QX_TRIALS:2 * n + 3 * QX_TRIALS]
+    for t in range(QX_TRIALS):
+        is_ = t - 9 if t < 9 else t - 8
+        its[t] = -(f32(nmax) + f32(0.1) * f32(is_)) / mx
+        slx[t] = _F0
+        sl2[t] = _F0
+    for i in range(n):
+        xi = x[i]
+        wi = w[i]
+        wxi = wx[i]
+        for t in range(QX_TRIALS):
+            fl = f32(max(-nmax, min(nmax - 1, nearest_int(its[t] * xi))))
+            slx[t] += wxi * fl
+            sl2[t] += wi * fl * fl
+    for t in range(QX_TRIALS):
+        if sl2[t] > _F0 and slx[t] * slx[t] > best * sl2[t]:
             for i in range(n):
-                L[i] = nmax + max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
-            scale = sumlx / suml2
-            best = scale * sumlx
+                L[i] = nmax + max(-nmax, min(nmax - 1, nearest_int(its[t] * x[i])))
+            scale = slx[t] / sl2[t]
+            best = scale * slx[t]
     return scale
 
 
@@ -193,11 +210,20 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
     return _F1 / iscale
 
 
+QKX_BATCH = 8  # trial scales of make_qkx2_quants evaluated side by side
+
+
 @njit(**_jit)
-def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
-    """Asymmetric (scale, min) search over ``nstep + 1`` trial scales; ``L``/``Laux`` uint8.
+def make_qkx2_quants(n, nmax, x, weights, L, tmp, rmin, rdelta, nstep, use_mad):
+    """Asymmetric (scale, min) search over ``nstep + 1`` trial scales; ``L`` uint8.
 
     Returns ``(scale, the_min)`` where ``the_min`` is C's ``*the_min`` (minus the offset).
+    ``tmp`` is float32 scratch of ``8 * QKX_BATCH`` entries (it replaces C's ``tmp``).
+
+    A trial depends on the earlier ones only through ``min``, which changes when a trial wins.
+    Trials are therefore evaluated ``QKX_BATCH`` at a time assuming ``min`` stays (each sum in
+    C's order, so bit-identical), scanned in C's order, and the batch restarts after a win that
+    moves ``min``.
     """
     mn = x[0]
     mx = x[0]
@@ -228,48 +254,77 @@ def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
         best_error += weights[i] * diff
     if nstep < 1:
         return scale, -mn
-    for is_ in range(nstep + 1):
-        iscale = (rmin + rdelta * f32(is_) + f32(nmax)) / (mx - mn)
-        sum_l = _F0
-        sum_l2 = _F0
-        sum_xl = _F0
+    G = QKX_BATCH
+    its = tmp[0:G]
+    s_l = tmp[G:2 * G]
+    s_l2 = tmp[2 * G:3 * G]
+    s_xl = tmp[3 * G:4 * G]
+    t_scale = tmp[4 * G:5 * G]
+    t_min = tmp[5 * G:6 * G]
+    t_D = tmp[6 * G:7 * G]
+    t_err = tmp[7 * G:8 * G]
+    is0 = 0
+    while is0 <= nstep:
+        g = min(G, nstep + 1 - is0)
+        rng = mx - mn
+        for t in range(g):
+            its[t] = (rmin + rdelta * f32(is0 + t) + f32(nmax)) / rng
+            s_l[t] = _F0
+            s_l2[t] = _F0
+            s_xl[t] = _F0
         for i in range(n):
-            li = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
-            Laux[i] = li
+            xi = x[i]
+            xm = xi - mn
             w = weights[i]
-            fl = f32(li)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > _F0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            for t in range(g):
+                fl = f32(max(0, min(nmax, nearest_int(its[t] * xm))))
+                s_l[t] += w * fl
+                s_l2[t] += w * fl * fl
+                s_xl[t] += w * fl * xi
+        for t in range(g):
+            D = sum_w * s_l2[t] - s_l[t] * s_l[t]
+            this_scale = (sum_w * s_xl[t] - sum_x * s_l[t]) / D
+            this_min = (s_l2[t] * sum_x - s_l[t] * s_xl[t]) / D
             if this_min > _F0:
                 this_min = _F0
-                this_scale = sum_xl / sum_l2
-            cur_error = _F0
-            for i in range(n):
-                diff = this_scale * f32(Laux[i]) + this_min - x[i]
+                this_scale = s_xl[t] / s_l2[t]
+            t_D[t] = D
+            t_scale[t] = this_scale
+            t_min[t] = this_min
+            t_err[t] = _F0
+        for i in range(n):
+            xi = x[i]
+            xm = xi - mn
+            w = weights[i]
+            for t in range(g):
+                fl = f32(max(0, min(nmax, nearest_int(its[t] * xm))))
+                diff = t_scale[t] * fl + t_min[t] - xi
                 diff = abs(diff) if use_mad else diff * diff
-                cur_error += weights[i] * diff
-            if cur_error < best_error:
+                t_err[t] += w * diff
+        nxt = is0 + g
+        for t in range(g):
+            if t_D[t] > _F0 and t_err[t] < best_error:
                 for i in range(n):
-                    L[i] = Laux[i]
-                best_error = cur_error
-                scale = this_scale
-                mn = this_min
+                    L[i] = max(0, min(nmax, nearest_int(its[t] * (x[i] - mn))))
+                best_error = t_err[t]
+                scale = t_scale[t]
+                moved = t_min[t] != mn
+                mn = t_min[t]
+                if moved:  # later trials of this batch assumed the old min
+                    nxt = is0 + t + 1
+                    break
+        is0 = nxt
     return scale, -mn
 
 
 @njit(**_jit)
-def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
+def make_qkx3_quants(n, nmax, x, weights, L, tmp, rmin, rdelta, nstep, use_mad):
     """ggml's make_qkx3_quants with non-NULL ``weights`` (the only way the K-quants call it).
 
     With weights given it is make_qkx2_quants: C's ``max <= min`` test equals ``max == min``
     because ``min`` is clamped to <= 0 and ``max >= min``.
     """
-    return make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad)
+    return make_qkx2_quants(n, nmax, x, weights, L, tmp, rmin, rdelta, nstep, use_mad)
 
 
 @njit(**_jit)
@@ -348,13 +403,14 @@ def _block_qw(qw, i):
 
 
 @njit(**_jit)
-def _quantize_block_q6_K(x, qw, y, L, scales):
+def _quantize_block_q6_K(x, qw, y, L, scales, tmp):
     """quantize_row_q6_K_ref / _impl for one super-block (they differ only in ``qw``)."""
     max_scale = _F0
     max_abs_scale = _F0
     for ib in range(QK_K // 16):
         sub = qw[16 * ib:16 * ib + 16] if qw.shape[0] > 0 else qw
-        scale = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1, sub)
+        scale = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1, sub,
+                               tmp)
         scales[ib] = scale
         abs_scale = abs(scale)
         if abs_scale > max_abs_scale:
@@ -395,9 +451,10 @@ def quantize_q6_K(x, qw, out):
     for r in prange(n_rows):
         L = np.empty(QK_K, dtype=np.int8)
         scales = np.empty(QK_K // 16, dtype=np.float32)
+        tmp = np.empty(2 * 16 + 3 * QX_TRIALS, dtype=np.float32)
         for i in range(n // QK_K):
             _quantize_block_q6_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
-                                 out[r, 210 * i:210 * (i + 1)], L, scales)
+                                 out[r, 210 * i:210 * (i + 1)], L, scales, tmp)
 
 
 @njit(parallel=True, **_jit)
@@ -408,22 +465,24 @@ def dequantize_q6_K(data, out):
             b = data[r, 210 * i:210 * (i + 1)]
             y = out[r, QK_K * i:QK_K * (i + 1)]
             d = _get_f16(b, 208)
-            for half in range(2):
-                ql = 64 * half
-                qh = 128 + 32 * half
-                sc = 192 + 8 * half
-                o = 128 * half
-                for l in range(32):
-                    is_ = l // 16
-                    h = b[qh + l]
-                    q1 = np.int32((b[ql + l] & 0xF) | ((h & 3) << 4)) - 32
-                    q2 = np.int32((b[ql + l + 32] & 0xF) | (((h >> 2) & 3) << 4)) - 32
-                    q3 = np.int32((b[ql + l] >> 4) | (((h >> 4) & 3) << 4)) - 32
-                    q4 = np.int32((b[ql + l + 32] >> 4) | (((h >> 6) & 3) << 4)) - 32
-                    y[o + l] = d * f32(np.int8(b[sc + is_])) * f32(q1)
-                    y[o + l + 32] = d * f32(np.int8(b[sc + is_ + 2])) * f32(q2)
-                    y[o + l + 64] = d * f32(np.int8(b[sc + is_ + 4])) * f32(q3)
-                    y[o + l + 96] = d * f32(np.int8(b[sc + is_ + 6])) * f32(q4)
+            for half in range(2):  # 128 weights: ql[64], qh[32], 8 scales; y = (d * sc) * (q - 32)
+                ql = b[64 * half:64 * half + 64]
+                qh = b[128 + 32 * half:160 + 32 * half]
+                sc = b[192 + 8 * half:200 + 8 * half]
+                yy = y[128 * half:128 * half + 128]
+                for s16 in range(2):
+                    d1 = d * f32(np.int8(sc[s16]))
+                    d2 = d * f32(np.int8(sc[s16 + 2]))
+                    d3 = d * f32(np.int8(sc[s16 + 4]))
+                    d4 = d * f32(np.int8(sc[s16 + 6]))
+                    for l in range(16 * s16, 16 * s16 + 16):
+                        a_ = np.int32(ql[l])
+                        c_ = np.int32(ql[l + 32])
+                        h = np.int32(qh[l])
+                        yy[l] = d1 * f32(((a_ & 0xF) | ((h & 3) << 4)) - 32)
+                        yy[l + 32] = d2 * f32(((c_ & 0xF) | (((h >> 2) & 3) << 4)) - 32)
+                        yy[l + 64] = d3 * f32(((a_ >> 4) | (((h >> 4) & 3) << 4)) - 32)
+                        yy[l + 96] = d4 * f32(((c_ >> 4) | (((h >> 6) & 3) << 4)) - 32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +521,7 @@ def _requantize_k4(x, y, L, nmax):
 
 
 @njit(**_jit)
-def _scales_ref_k4(x, L, Laux, weights, scales, mins, Ls, Lm, nmax, rmin, rdelta, nstep):
+def _scales_ref_k4(x, L, tmp, weights, scales, mins, Ls, Lm, nmax, rmin, rdelta, nstep):
     """The search of quantize_row_q4_K_ref / q5_K_ref; returns (max_scale, max_min)."""
     max_scale = _F0
     max_min = _F0
@@ -474,7 +533,7 @@ def _scales_ref_k4(x, L, Laux, weights, scales, mins, Ls, Lm, nmax, rmin, rdelta
         av_x = np.sqrt(sum_x2 / f32(32.0))
         for l in range(32):
             weights[l] = av_x + abs(xs[l])
-        scales[j], mins[j] = make_qkx2_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], Laux,
+        scales[j], mins[j] = make_qkx2_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], tmp,
                                               rmin, rdelta, nstep, False)
         if scales[j] > max_scale:
             max_scale = scales[j]
@@ -489,7 +548,7 @@ def _scales_ref_k4(x, L, Laux, weights, scales, mins, Ls, Lm, nmax, rmin, rdelta
 
 
 @njit(**_jit)
-def _scales_impl_k4(x, qw, L, Laux, weights, sw, scales, mins, Ls, Lm, nmax, clamp63):
+def _scales_impl_k4(x, qw, L, tmp, weights, sw, scales, mins, Ls, Lm, nmax, clamp63):
     """The search of quantize_row_q4_K_impl / q5_K_impl; returns (d_block, m_block)."""
     sum_x2 = _F0
     for l in range(QK_K):
@@ -503,7 +562,7 @@ def _scales_impl_k4(x, qw, L, Laux, weights, sw, scales, mins, Ls, Lm, nmax, cla
         for l in range(32):
             sumw += weights[l]
         sw[j] = sumw
-        scales[j], mins[j] = make_qkx3_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], Laux,
+        scales[j], mins[j] = make_qkx3_quants(32, nmax, xs, weights, L[32 * j:32 * j + 32], tmp,
                                               f32(-0.9), f32(0.05), 36, False)
     d_block = make_qp_quants(QK_K // 32, 63, scales, Ls, sw)
     m_block = make_qp_quants(QK_K // 32, 63, mins, Lm, sw)
@@ -515,12 +574,12 @@ def _scales_impl_k4(x, qw, L, Laux, weights, sw, scales, mins, Ls, Lm, nmax, cla
 
 
 @njit(**_jit)
-def _quantize_block_q4_K(x, qw, y, L, Laux, weights, sw, scales, mins, Ls, Lm):
+def _quantize_block_q4_K(x, qw, y, L, tmp, weights, sw, scales, mins, Ls, Lm):
     if qw.shape[0] == 0:
-        d, dmin = _scales_ref_k4(x, L, Laux, weights, scales, mins, Ls, Lm, 15,
+        d, dmin = _scales_ref_k4(x, L, tmp, weights, scales, mins, Ls, Lm, 15,
                                  f32(-1.0), f32(0.1), 20)
     else:
-        d, dmin = _scales_impl_k4(x, qw, L, Laux, weights, sw, scales, mins, Ls, Lm, 15, False)
+        d, dmin = _scales_impl_k4(x, qw, L, tmp, weights, sw, scales, mins, Ls, Lm, 15, False)
     _pack_scale_min_k4(y, 4, Ls, Lm)
     _put_f16(y, 0, d)
     _put_f16(y, 2, dmin)
@@ -536,7 +595,7 @@ def quantize_q4_K(x, qw, out):
     n_rows, n = x.shape
     for r in prange(n_rows):
         L = np.empty(QK_K, dtype=np.uint8)
-        Laux = np.empty(32, dtype=np.uint8)
+        tmp = np.empty(8 * QKX_BATCH, dtype=np.float32)
         weights = np.empty(32, dtype=np.float32)
         sw = np.empty(QK_K // 32, dtype=np.float32)
         scales = np.empty(QK_K // 32, dtype=np.float32)
@@ -545,7 +604,7 @@ def quantize_q4_K(x, qw, out):
         Lm = np.empty(QK_K // 32, dtype=np.uint8)
         for i in range(n // QK_K):
             _quantize_block_q4_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
-                                 out[r, 144 * i:144 * (i + 1)], L, Laux, weights, sw, scales, mins,
+                                 out[r, 144 * i:144 * (i + 1)], L, tmp, weights, sw, scales, mins,
                                  Ls, Lm)
 
 
@@ -577,12 +636,12 @@ def dequantize_q4_K(data, out):
 
 
 @njit(**_jit)
-def _quantize_block_q5_K(x, qw, y, L, Laux, weights, sw, scales, mins, Ls, Lm):
+def _quantize_block_q5_K(x, qw, y, L, tmp, weights, sw, scales, mins, Ls, Lm):
     if qw.shape[0] == 0:
-        d, dmin = _scales_ref_k4(x, L, Laux, weights, scales, mins, Ls, Lm, 31,
+        d, dmin = _scales_ref_k4(x, L, tmp, weights, scales, mins, Ls, Lm, 31,
                                  f32(-0.5), f32(0.1), 15)
     else:
-        d, dmin = _scales_impl_k4(x, qw, L, Laux, weights, sw, scales, mins, Ls, Lm, 31, True)
+        d, dmin = _scales_impl_k4(x, qw, L, tmp, weights, sw, scales, mins, Ls, Lm, 31, True)
     _pack_scale_min_k4(y, 4, Ls, Lm)
     _put_f16(y, 0, d)
     _put_f16(y, 2, dmin)
@@ -612,7 +671,7 @@ def quantize_q5_K(x, qw, out):
     n_rows, n = x.shape
     for r in prange(n_rows):
         L = np.empty(QK_K, dtype=np.uint8)
-        Laux = np.empty(32, dtype=np.uint8)
+        tmp = np.empty(8 * QKX_BATCH, dtype=np.float32)
         weights = np.empty(32, dtype=np.float32)
         sw = np.empty(QK_K // 32, dtype=np.float32)
         scales = np.empty(QK_K // 32, dtype=np.float32)
@@ -621,7 +680,7 @@ def quantize_q5_K(x, qw, out):
         Lm = np.empty(QK_K // 32, dtype=np.uint8)
         for i in range(n // QK_K):
             _quantize_block_q5_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
-                                 out[r, 176 * i:176 * (i + 1)], L, Laux, weights, sw, scales, mins,
+                                 out[r, 176 * i:176 * (i + 1)], L, tmp, weights, sw, scales, mins,
                                  Ls, Lm)
 
 
@@ -705,7 +764,7 @@ def _finish_block_q3_K(x, y, L, Ls, d_block):
 
 
 @njit(**_jit)
-def _quantize_block_q3_K(x, qw, y, L, Ls, weight, sw, scales):
+def _quantize_block_q3_K(x, qw, y, L, Ls, weight, sw, scales, tmp):
     if qw.shape[0] == 0:  # quantize_row_q3_K_ref
         max_scale = _F0
         amax = _F0
@@ -738,8 +797,9 @@ def _quantize_block_q3_K(x, qw, y, L, Ls, weight, sw, scales):
             for l in range(16):
                 sumw += weight[l]
             sw[j] = sumw
-            scales[j] = make_qx_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], 1, weight)
-        d_block = make_qx_quants(QK_K // 16, 32, scales, Ls, 1, sw)
+            scales[j] = make_qx_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], 1, weight,
+                                       tmp)
+        d_block = make_qx_quants(QK_K // 16, 32, scales, Ls, 1, sw, tmp)
     _finish_block_q3_K(x, y, L, Ls, d_block)
 
 
@@ -752,9 +812,10 @@ def quantize_q3_K(x, qw, out):
         weight = np.empty(16, dtype=np.float32)
         sw = np.empty(QK_K // 16, dtype=np.float32)
         scales = np.empty(QK_K // 16, dtype=np.float32)
+        tmp = np.empty(2 * 16 + 3 * QX_TRIALS, dtype=np.float32)
         for i in range(n // QK_K):
             _quantize_block_q3_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
-                                 out[r, 110 * i:110 * (i + 1)], L, Ls, weight, sw, scales)
+                                 out[r, 110 * i:110 * (i + 1)], L, Ls, weight, sw, scales, tmp)
 
 
 @njit(parallel=True, **_jit)
@@ -801,7 +862,7 @@ def _finish_block_q2_K(x, y, L):
 
 
 @njit(**_jit)
-def _quantize_block_q2_K(x, qw, y, L, Laux, weights, sw, scales, mins, Ls, Lm):
+def _quantize_block_q2_K(x, qw, y, L, tmp, weights, sw, scales, mins, Ls, Lm):
     q4scale = f32(15.0)
     if qw.shape[0] == 0:  # quantize_row_q2_K_ref
         max_scale = _F0
@@ -810,7 +871,7 @@ def _quantize_block_q2_K(x, qw, y, L, Laux, weights, sw, scales, mins, Ls, Lm):
             for l in range(16):
                 weights[l] = abs(x[16 * j + l])
             scales[j], mins[j] = make_qkx2_quants(16, 3, x[16 * j:16 * j + 16], weights,
-                                                  L[16 * j:16 * j + 16], Laux,
+                                                  L[16 * j:16 * j + 16], tmp,
                                                   f32(-0.5), f32(0.1), 15, True)
             if scales[j] > max_scale:
                 max_scale = scales[j]
@@ -846,7 +907,7 @@ def _quantize_block_q2_K(x, qw, y, L, Laux, weights, sw, scales, mins, Ls, Lm):
                 sumw += weights[l]
             sw[j] = sumw
             scales[j], mins[j] = make_qkx3_quants(16, 3, x[16 * j:16 * j + 16], weights,
-                                                  L[16 * j:16 * j + 16], Laux,
+                                                  L[16 * j:16 * j + 16], tmp,
                                                   f32(-0.9), f32(0.05), 36, False)
         dm = make_qp_quants(QK_K // 16, 15, scales, Ls, sw)
         mm = make_qp_quants(QK_K // 16, 15, mins, Lm, sw)
@@ -862,7 +923,7 @@ def quantize_q2_K(x, qw, out):
     n_rows, n = x.shape
     for r in prange(n_rows):
         L = np.empty(QK_K, dtype=np.uint8)
-        Laux = np.empty(16, dtype=np.uint8)
+        tmp = np.empty(8 * QKX_BATCH, dtype=np.float32)
         weights = np.empty(16, dtype=np.float32)
         sw = np.empty(QK_K // 16, dtype=np.float32)
         scales = np.empty(QK_K // 16, dtype=np.float32)
@@ -871,7 +932,7 @@ def quantize_q2_K(x, qw, out):
         Lm = np.empty(QK_K // 16, dtype=np.uint8)
         for i in range(n // QK_K):
             _quantize_block_q2_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
-                                 out[r, 84 * i:84 * (i + 1)], L, Laux, weights, sw, scales, mins,
+                                 out[r, 84 * i:84 * (i + 1)], L, tmp, weights, sw, scales, mins,
                                  Ls, Lm)
 
 
