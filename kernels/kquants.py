@@ -159,8 +159,11 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw, tmp):
 
 
 @njit(**_jit)
-def make_q3_quants(n, nmax, x, L, do_rmse):
-    """Q3_K's symmetric search with x**2 weights and coordinate-wise refinement (``L`` int8)."""
+def make_q3_quants(n, nmax, x, L, do_rmse, tmp):
+    """Q3_K's symmetric search with x**2 weights and coordinate-wise refinement (``L`` int8).
+
+    ``tmp`` is float32 scratch of at least ``2*n`` entries.
+    """
     mx = _F0
     amax = _F0
     for i in range(n):
@@ -174,27 +177,30 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
         return _F0
     iscale = f32(-nmax) / mx
     if do_rmse:
+        w = tmp[:n]  # x*x and x*x*x, exactly as the C recomputes them
+        wx = tmp[n:2 * n]
         sumlx = _F0
         suml2 = _F0
         for i in range(n):
             l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
             L[i] = l
-            w = x[i] * x[i]
-            sumlx += w * x[i] * f32(l)
-            suml2 += w * f32(l) * f32(l)
+            w[i] = x[i] * x[i]
+            wx[i] = w[i] * x[i]
+            sumlx += wx[i] * f32(l)
+            suml2 += w[i] * f32(l) * f32(l)
         for _ in range(5):
             n_changed = 0
             for i in range(n):
-                w = x[i] * x[i]
-                li = f32(L[i])
-                slx = sumlx - w * x[i] * li
+                li = np.int32(L[i])
+                fli = f32(li)
+                slx = sumlx - wx[i] * fli
                 if slx > _F0:
-                    sl2 = suml2 - w * li * li
-                    new_l = max(-nmax, min(nmax - 1, nearest_int(x[i] * sl2 / slx)))
-                    if new_l != L[i]:
+                    sl2 = suml2 - w[i] * fli * fli
+                    new_l = np.int32(max(-nmax, min(nmax - 1, nearest_int(x[i] * sl2 / slx))))
+                    if new_l != li:
                         fl = f32(new_l)
-                        slx += w * x[i] * fl
-                        sl2 += w * fl * fl
+                        slx += wx[i] * fl
+                        sl2 += w[i] * fl * fl
                         if sl2 > _F0 and slx * slx * suml2 > sumlx * sumlx * sl2:
                             L[i] = new_l
                             sumlx = slx
@@ -747,16 +753,12 @@ def _finish_block_q3_K(x, y, L, Ls, d_block):
             L[16 * j + ii] = max(-4, min(3, nearest_int(x[16 * j + ii] / d))) + 4
     for j in range(32):
         y[j] = 0
-    m = 0
-    hm = 1
-    for j in range(QK_K):
-        if L[j] > 3:
-            y[m] |= hm
-            L[j] -= 4
-        m += 1
-        if m == QK_K // 8:
-            m = 0
-            hm <<= 1
+    for b in range(8):  # bit b of hmask[m] is the high bit of weight 32*b + m
+        for m in range(32):
+            lv = np.int32(L[32 * b + m])
+            hi = np.int32(lv > 3)
+            y[m] |= hi << b
+            L[32 * b + m] = lv - 4 * hi
     for j in range(0, QK_K, 128):
         q = 32 + j // 4
         for l in range(32):
@@ -769,7 +771,8 @@ def _quantize_block_q3_K(x, qw, y, L, Ls, weight, sw, scales, tmp):
         max_scale = _F0
         amax = _F0
         for j in range(QK_K // 16):
-            scales[j] = make_q3_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], True)
+            scales[j] = make_q3_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], True,
+                                       tmp)
             scale = abs(scales[j])
             if scale > amax:
                 amax = scale
