@@ -3,8 +3,8 @@
 One implementation, used by the search, the benchmarks and the tests. It mirrors
 ``kl_divergence()`` in llama.cpp's ``tools/perplexity/perplexity.cpp``:
 
-* the text is tokenized once (BOS first when the vocab adds one) and cut into ``n_ctx`` chunks; the
-  first token of every chunk is replaced by BOS (:func:`perplexity_chunks`);
+* the text is tokenized once (BOS first when the vocab adds one) and cut into ``n_ctx`` chunks; when
+  the vocab adds BOS, the first token of every chunk is replaced by BOS (:func:`perplexity_chunks`);
 * only the second half of each chunk is scored: the logits at positions ``n_ctx/2 .. n_ctx-2``
   predicting tokens ``n_ctx/2+1 .. n_ctx-1`` (:func:`scored_positions`), ``n_ctx - 1 - n_ctx/2`` per chunk;
 * per token: KL(base || Q) over the vocabulary, NLL of the next token under both, Δp = p_Q(next) -
@@ -13,8 +13,10 @@ One implementation, used by the search, the benchmarks and the tests. It mirrors
   mean KLD ± its standard error, KLD/Δp percentiles (linear interpolation), RMS Δp, Same top p.
 
 Differences from llama.cpp, on purpose: everything is float64 and exact, where llama.cpp stores the
-base log-probs as uint16 over a 16-nat range and drops base probabilities below e^-16; the
-difference is ~1e-4 nat per token (see tests/test_kl.py for the measured agreement).
+base log-probs as uint16 over a 16-nat range and leaves base probabilities below e^-16 out. Fed
+llama-cpp-python's logits for the same chunks, the mean KLD differs from llama-perplexity's by ~0.2%
+(SmolLM2-135M, Q2_K and Q4_K_M vs Q4_1); fed llama-perplexity's own stored log-probs, by ~5e-5
+(tests/test_kl.py).
 
 Fractions are fractions here (``same_top_p = 0.93``), where llama.cpp prints percent;
 :func:`dynsearch.objectives.llamacpp.parse_kl_printout` converts its printout to the same keys and units.
@@ -88,7 +90,11 @@ class TopKRef(NamedTuple):
 
 
 def _t(x: Array, device: torch.device | None = None) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    if isinstance(x, np.ndarray):
+        x = np.ascontiguousarray(x) if x.flags.writeable else np.array(x)  # torch wants writeable memory
+        t = torch.from_numpy(x)
+    else:
+        t = x
     return t.to(device) if device is not None else t
 
 
@@ -250,9 +256,11 @@ class KLAccumulator:
     def count(self) -> int:
         return sum(p.shape[1] for p in self._parts)
 
-    def update(self, ref: Array | TopKRef, cand_logits: Array, next_tokens: Array) -> None:
+    def update(self, ref: Array | TopKRef, cand_logits: Array, next_tokens: Array, *,
+               logprobs: bool = False) -> None:
         """Add ``N`` scored positions: reference logits ``(N, V)`` (or a :class:`TopKRef`), candidate
-        logits ``(N, V)``, and the ``(N,)`` next tokens they predict."""
+        logits ``(N, V)``, and the ``(N,)`` next tokens they predict. ``logprobs=True``: both are
+        log-probabilities already and are used as they are (no log-softmax, so no renormalisation)."""
         cand = _t(cand_logits)
         tgt = _t(next_tokens, cand.device).long().reshape(-1)
         if cand.ndim != 2 or cand.shape[0] != tgt.shape[0]:
@@ -261,10 +269,11 @@ class KLAccumulator:
         for i in range(0, cand.shape[0], self.block_rows):
             sl = slice(i, i + self.block_rows)
             r = TopKRef(*(x[sl] for x in ref)) if isinstance(ref, TopKRef) else ref[sl]
-            self._parts.append(self._block(r, cand[sl], tgt[sl]))
+            self._parts.append(self._block(r, cand[sl], tgt[sl], logprobs))
 
-    def _block(self, ref: torch.Tensor | TopKRef, cand: torch.Tensor, tgt: torch.Tensor) -> np.ndarray:
-        cand_logp = torch.log_softmax(cand.double(), dim=-1)  # (n, V)
+    def _block(self, ref: torch.Tensor | TopKRef, cand: torch.Tensor, tgt: torch.Tensor,
+               logprobs: bool) -> np.ndarray:
+        cand_logp = cand.double() if logprobs else torch.log_softmax(cand.double(), dim=-1)  # (n, V)
         if not isinstance(ref, TopKRef):
             if ref.shape != cand.shape:
                 raise ValueError(f"ref {tuple(ref.shape)} and cand {tuple(cand.shape)} logits differ in shape")
@@ -275,7 +284,7 @@ class KLAccumulator:
             nll_base = -ref.target_logprob.double()
             ref_top = ref.indices[:, 0].long()
         else:
-            ref_logp = torch.log_softmax(ref.double(), dim=-1)
+            ref_logp = ref.double() if logprobs else torch.log_softmax(ref.double(), dim=-1)
             kld = _kl_full(ref_logp, cand_logp)
             nll_base = -ref_logp.gather(-1, tgt[:, None])[:, 0]
             ref_top = ref.argmax(-1)
