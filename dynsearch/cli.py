@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from . import __version__
+from .errors import DynsearchError
 
 
 def _cmd_types(args: argparse.Namespace) -> int:
@@ -28,12 +29,51 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
     return bench.main(args.bench_args)
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .search.pipeline import DEFAULT_TYPES, RunConfig, run
+    from .search.report import print_summary
+
+    types = tuple(t.strip() for t in args.types.split(",")) if args.types else DEFAULT_TYPES
+    cfg = RunConfig(model=args.model, budgets=tuple(args.budget), types=types, keep=tuple(args.keep),
+                    calib=args.calib, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
+                    search_tokens=args.search_tokens, fisher_tokens=args.fisher_tokens,
+                    trials=args.trials, timeout=args.timeout, seed=args.seed, sampler=args.sampler,
+                    storage=args.storage, study_name=args.study_name, workers=args.workers,
+                    out=args.out, device=args.device, write_gguf=not args.no_gguf)
+    print_summary(cfg, run(cfg, progress=not args.quiet))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynsearch", description="Search-based dynamic GGUF quantization.")
     p.add_argument("--version", action="version", version=f"dynsearch {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("types", help="list the GGUF types dynsearch reads and writes")
     s.set_defaults(func=_cmd_types)
+    s = sub.add_parser("run", help="search per-tensor types for a model under a disk budget")
+    s.add_argument("model", help="a .gguf file, a Hugging Face folder, or an alias (smollm2-135m, llama4, ...)")
+    s.add_argument("--budget", action="append", required=True,
+                   help="file size (100MB, 16GB, 15GiB) or bits per weight (4.5bpw); repeat for a family")
+    s.add_argument("--types", default="", help="comma-separated candidate types (default: %(default)s)")
+    s.add_argument("--keep", action="append", default=[], metavar="PATTERN=TYPE",
+                   help="hold matching tensors at a type, e.g. 'token_embd=Q8_0' (repeatable)")
+    s.add_argument("--calib", help="calibration file (.txt, or .jsonl of chat messages / text)")
+    s.add_argument("--calib-tokens", type=int, default=16_384)
+    s.add_argument("--fisher-tokens", type=int, default=4_096)
+    s.add_argument("--search-tokens", type=int, default=2_048)
+    s.add_argument("--eval-tokens", type=int, default=8_192)
+    s.add_argument("--trials", type=int, default=24, help="Optuna trials per budget (all workers)")
+    s.add_argument("--timeout", type=float, help="seconds of search per budget for this process")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sampler", default="tpe", choices=["tpe", "cmaes", "gp", "random"])
+    s.add_argument("--storage", help="Optuna storage URL (default: SQLite in the run folder)")
+    s.add_argument("--study-name")
+    s.add_argument("--workers", type=int, default=1, help="threads for profiling")
+    s.add_argument("--out", default="runs", help="output folder (default: %(default)s)")
+    s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
+    s.add_argument("--no-gguf", action="store_true", help="write the recipe only")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_cmd_run)
     s = sub.add_parser("bench-kernels", help="kernel throughput vs ggml and gguf-py",
                        add_help=False)
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -45,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except DynsearchError as e:
+        print(f"dynsearch: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,86 @@
+"""True KL: the model with a candidate's dequantized weights against the reference, end to end.
+
+The reference is computed once: the final residual stream of the evaluation tokens (small:
+tokens x d), from which the reference logits are re-derived batch by batch, so no vocabulary-wide
+array is ever held for all tokens. Candidate weights are produced lazily, one tensor at a time, by
+:class:`QuantizedWeights` -- a mapping the block-by-block forward reads as overrides -- so peak
+memory stays near one block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..kernels import dequantize, quantize
+from ..objectives.kl import KLAccumulator, mean_kl
+
+
+class QuantizedWeights(Mapping):
+    """``name -> dequantize(quantize(W, type))`` for the tensors of an assignment, on demand.
+
+    ``importance`` gives the imatrix vector per tensor name (or None), as the written file uses.
+    Tensors whose assigned type is the source type itself are passed through unchanged when
+    ``source_qtype`` matches (re-quantizing them is lossless only for some types).
+    """
+
+    def __init__(self, source, assignment: Mapping[str, str], importance=None):
+        self.source = source
+        self.assignment = dict(assignment)
+        self.importance = importance or (lambda name: None)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.assignment:
+            raise KeyError(name)
+        qtype = self.assignment[name]
+        w = self.source.load(name)
+        if qtype == "F32":
+            return w
+        rows = w.reshape(-1, w.shape[-1])
+        q = quantize(rows, qtype, self.importance(name))
+        return dequantize(q, qtype, rows.shape[1]).reshape(w.shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.assignment)
+
+    def __len__(self) -> int:
+        return len(self.assignment)
+
+
+class KLEvaluator:
+    """Mean KL(reference || candidate) over fixed evaluation tokens (n_seq, T)."""
+
+    def __init__(self, forward, tokens: np.ndarray):
+        self.forward = forward
+        self.tokens = np.asarray(tokens)
+        self.ref_hidden = forward.hidden_states(self.tokens)  # (n_seq, T, d), the reference
+
+    def _ref_logprobs(self) -> Iterator[tuple[int, torch.Tensor]]:
+        yield from self.forward.head(self.ref_hidden, log_probs=True)
+
+    def mean_kl(self, overrides: Mapping[str, np.ndarray]) -> float:
+        """Mean over all token positions of KL(ref || candidate)."""
+        hidden = self.forward.hidden_states(self.tokens, overrides)
+        total, count = 0.0, 0
+        for (s, ref), (_, cand) in zip(self._ref_logprobs(), self.forward.head(hidden, overrides)):
+            n = ref.shape[0] * ref.shape[1]
+            total += mean_kl(ref.reshape(n, -1), cand.reshape(n, -1)) * n
+            count += n
+        return total / count
+
+    def stats(self, overrides: Mapping[str, np.ndarray], skip_first_half: bool = True):
+        """The full llama-perplexity statistics (second half of each sequence scored, as it does)."""
+        hidden = self.forward.hidden_states(self.tokens, overrides)
+        acc = KLAccumulator()
+        T = self.tokens.shape[1]
+        first = T // 2 if skip_first_half else 0
+        for (s, ref), (_, cand) in zip(self._ref_logprobs(), self.forward.head(hidden, overrides)):
+            b = ref.shape[0]
+            tgt = torch.as_tensor(self.tokens[s:s + b, first + 1:], dtype=torch.long)
+            r = ref[:, first:T - 1].reshape(-1, ref.shape[-1])
+            c = cand[:, first:T - 1].reshape(-1, cand.shape[-1])
+            acc.update(r, c, tgt.reshape(-1))
+        return acc.result()

@@ -1,0 +1,377 @@
+"""``dynsearch run``: model -> statistics -> profile -> knapsack seed -> Optuna -> recipe -> GGUF.
+
+Every phase is cached in the run folder (or the shared cache) so that re-running the same
+command resumes: finished statistics, profiles and trials are reused, never recomputed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from joblib import Parallel, delayed
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..atomic import atomic_open, atomic_write_text
+from ..errors import DynsearchError
+from ..kernels import effective_type, parse_qtype
+from ..recipes import schema
+from .budget import Budget, check_reachable, format_bytes, parse_budget
+from .profile import GGUF_ALIGNMENT, ProfileCache, TensorStats, padded, profile_tensor
+from .space import SearchSpace, layer_groups
+from .study import SearchSettings, best_result, open_study, run_study
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TYPES = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0",
+                 "Q4_0", "IQ4_NL", "Q5_0", "Q5_1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str  # .gguf file, Hugging Face folder or alias
+    budgets: tuple[str, ...]  # e.g. ("100MB",) or several for a Pareto family
+    types: tuple[str, ...] = DEFAULT_TYPES  # candidate types
+    keep: tuple[str, ...] = ()  # "regex=TYPE": tensors held at a fixed type
+    calib: str | None = None  # user calibration file; None: the shipped set
+    calib_tokens: int = 16_384  # tokens for activation statistics (imatrix, X^T X)
+    fisher_tokens: int = 4_096  # tokens for the output sensitivities
+    search_tokens: int = 2_048  # tokens for true KL during the search
+    eval_tokens: int = 8_192  # held-out tokens for the final measurement
+    seq_len: int = 512
+    trials: int = 24  # Optuna trials per budget (all workers together)
+    timeout: float | None = None  # seconds per budget for this process
+    seed: int = 0
+    sampler: str = "tpe"
+    storage: str | None = None  # Optuna storage URL; None: SQLite in the run folder
+    study_name: str | None = None
+    workers: int = 1  # threads for profiling
+    out: str = "runs"
+    device: str = "cpu"
+    write_gguf: bool = True
+    cache: str | None = None  # profile cache folder; None: <out>/cache
+
+
+@dataclass
+class RunResult:
+    recipe_paths: list[Path] = field(default_factory=list)
+    gguf_paths: list[Path] = field(default_factory=list)
+    report_path: Path | None = None
+    rows: list[dict] = field(default_factory=list)
+
+
+def _sha256_file(path: Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        done = 0
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            done += len(chunk)
+            if limit is not None and done >= limit:
+                break
+    return h.hexdigest()
+
+
+def model_fingerprint(path: Path) -> str:
+    """Identity of the model's bytes (size + hash of the first 64 MB and the file names)."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        h.update(_sha256_file(f, 64 << 20).encode())
+    return h.hexdigest()
+
+
+def parse_keep(items: tuple[str, ...]) -> list[tuple[re.Pattern, str]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise DynsearchError(f"--keep {item!r}: expected PATTERN=TYPE, e.g. 'token_embd=Q8_0'")
+        pat, t = item.rsplit("=", 1)
+        try:
+            out.append((re.compile(pat), parse_qtype(t).name))
+        except re.error as e:
+            raise DynsearchError(f"--keep {item!r}: bad pattern ({e})") from None
+        except ValueError as e:
+            raise DynsearchError(f"--keep {item!r}: {e}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: statistics (activations, imatrix, Fisher), cached as one .npz per run key
+
+
+class _HeadGram:
+    """Capture for the lm head: X^T X of the normed final hidden states."""
+
+    def __init__(self, stats):
+        self.stats = stats
+        self.xtx: torch.Tensor | None = None
+        self.n = 0
+
+    def __call__(self, name, x):
+        if name.startswith("blk."):
+            self.stats(name, x)
+            return
+        xd = x.reshape(-1, x.shape[-1]).double()
+        self.xtx = xd.T @ xd if self.xtx is None else self.xtx + xd.T @ xd
+        self.n += xd.shape[0]
+
+
+def collect_statistics(forward, calib_tokens: np.ndarray, fisher_tokens: np.ndarray, seed: int,
+                       progress: bool = True) -> dict[str, TensorStats]:
+    """Per searchable tensor, the :class:`TensorStats` profiling needs."""
+    from ..objectives.activations import ActivationStats, CaptureConfig
+    from .sensitivity import fisher_pass
+
+    stats = ActivationStats(CaptureConfig(second_moment=True))
+    head = _HeadGram(stats)
+    batch = 8
+    for s in tqdm(range(0, len(calib_tokens), batch), desc="activations", disable=not progress,
+                  unit="batch"):
+        hidden = forward.hidden_states(calib_tokens[s:s + batch], capture=head)
+        for _ in forward.head(hidden, capture=head):
+            pass
+    imat = stats.imatrix(["calibration"], calib_tokens.shape[1])
+    log.info("fisher pass on %d tokens", fisher_tokens.size)
+    sens = fisher_pass(forward, fisher_tokens, seed=seed)
+
+    cfg, spec = forward.cfg, forward.spec
+    out: dict[str, TensorStats] = {}
+    for name in stats.names:
+        n = float(stats.count(name).sum())
+        out[name] = TensorStats(xtx=(stats.second_moment(name) / n).float(),
+                                fisher_out=sens.fisher_out.get(name),
+                                importance=imat.importance(name))
+    head_name = "output.weight" if forward._has_output else "token_embd.weight"
+    scale2 = float(cfg.n_embd) if spec.embed_scale else 1.0
+    emb = TensorStats(row_weight=sens.token_counts / sens.token_counts.sum(),
+                      fisher_col=sens.fisher_embed * scale2)
+    head_stats = TensorStats(xtx=(head.xtx / head.n).float(), fisher_out=sens.fisher_out[head_name])
+    if head_name == "token_embd.weight":  # tied: one table, both uses
+        emb.xtx, emb.fisher_out = head_stats.xtx, head_stats.fisher_out
+    else:
+        out[head_name] = head_stats
+    out["token_embd.weight"] = emb
+    return out
+
+
+def save_stats(path: Path, stats: dict[str, TensorStats]) -> None:
+    arrays = {}
+    for name, st in stats.items():
+        for k, v in asdict(st).items():
+            if v is not None:
+                arrays[f"{name}|{k}"] = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_stats(path: Path) -> dict[str, TensorStats] | None:
+    if not path.exists():
+        return None
+    try:
+        out: dict[str, TensorStats] = {}
+        with np.load(path, allow_pickle=False) as z:
+            for key in z.files:
+                name, k = key.split("|")
+                st = out.setdefault(name, TensorStats())
+                v = z[key]
+                if not np.isfinite(v).all():
+                    raise ValueError(f"{key} not finite")
+                setattr(st, k, torch.from_numpy(v) if k == "xtx" else v)
+        return out
+    except Exception as e:  # noqa: BLE001 - a damaged cache is recomputed
+        log.warning("statistics cache %s is corrupt (%s); recomputing", path, e)
+        path.unlink(missing_ok=True)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 2: the search space
+
+
+def build_space(source, names: list[str], types: tuple[str, ...], stats: dict[str, TensorStats],
+                cache: ProfileCache, workers: int, progress: bool = True) -> SearchSpace:
+    types_l = [parse_qtype(t).name for t in types]
+
+    def one(name: str):
+        hit = cache.get(name, types_l)
+        if hit is not None:
+            return hit
+        w = source.load(name)
+        res = profile_tensor(w, types_l, stats.get(name, TensorStats()))
+        cache.put(name, types_l, *res)
+        return res
+
+    results = Parallel(n_jobs=workers, prefer="threads", return_as="generator")(
+        delayed(one)(n) for n in names)
+    rows = list(tqdm(results, total=len(names), desc="profile", disable=not progress, unit="tensor"))
+    written = tuple(tuple(r[0]) for r in rows)
+    sizes = np.stack([r[1] for r in rows])
+    errors = np.stack([r[2] for r in rows])
+    groups, gnames = layer_groups(names, source.config.n_layer, n_bands=3)
+    n_weights = int(sum(int(np.prod(source.shape(n))) for n in names))
+    return SearchSpace(tuple(names), tuple(types_l), written, sizes, errors, groups, tuple(gnames), n_weights)
+
+
+def header_overhead(source) -> int:
+    """Bytes of a GGUF file besides the searched tensors' data: the source's header (metadata,
+    tensor infos, padding) plus room for the recipe embedded as metadata."""
+    hdr = getattr(source, "header", None)
+    header = min((t.offset for t in hdr.tensors.values()), default=0) if hdr is not None else 4 << 20
+    return padded(header + 256 * 1024, GGUF_ALIGNMENT)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(cfg: RunConfig, progress: bool = True) -> RunResult:
+    from ..objectives.forward import BlockwiseForward
+    from ..objectives.model import open_model
+    from .evaluate import KLEvaluator, QuantizedWeights
+    from .models import resolve_model
+
+    budgets = [parse_budget(b) for b in cfg.budgets]  # errors before any work
+    keep = parse_keep(cfg.keep)
+    model_path = resolve_model(cfg.model)
+    source = open_model(model_path)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    run_dir = out / model_path.stem
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_key = model_fingerprint(model_path)
+
+    # tensors: 1-D ones stay F32; --keep ones are fixed; the rest are searched
+    names_all = source.names()
+    fixed: dict[str, str] = {}
+    for n in names_all:
+        if len(source.shape(n)) < 2:
+            fixed[n] = "F32"
+        else:
+            for pat, t in keep:
+                if pat.search(n):
+                    fixed[n] = t
+                    break
+    searched = [n for n in names_all if n not in fixed]
+    fixed_bytes = sum(padded(_nbytes(source.shape(n), t)) for n, t in fixed.items())
+    overhead = header_overhead(source) + fixed_bytes
+
+    # every budget is checked against the reachable sizes before any costly work
+    n_searched = int(sum(int(np.prod(source.shape(n))) for n in searched))
+    tensor_budgets = []
+    for budget in budgets:
+        tb = (budget.tensor_bytes(n_searched, 0) if budget.bpw is not None
+              else budget.tensor_bytes(0, overhead))
+        sizes = np.array([[padded(_nbytes(source.shape(n), effective_type(t, source.shape(n)[-1]).name))
+                           for t in cfg.types] for n in searched], dtype=np.int64)
+        check_reachable(budget, tb, int(sizes.min(axis=1).sum()), int(sizes.max(axis=1).sum()))
+        tensor_budgets.append(tb)
+
+    # tokens
+    tok_sets = _token_sets(model_path, source, cfg)
+    calib, fisher_t, search_t, eval_t, calib_desc = tok_sets
+    stats_key = hashlib.sha256(f"{model_key}|{calib_desc['sha256']}|{calib.shape}|{fisher_t.shape}|{cfg.seed}"
+                               .encode()).hexdigest()[:16]
+
+    forward = BlockwiseForward(source, device=cfg.device, batch_size=4)
+    stats_path = (Path(cfg.cache) if cfg.cache else out / "cache") / f"stats-{stats_key}.npz"
+    stats = load_stats(stats_path)
+    if stats is None:
+        stats = collect_statistics(forward, calib, fisher_t, cfg.seed, progress)
+        save_stats(stats_path, stats)
+    cache = ProfileCache((Path(cfg.cache) if cfg.cache else out / "cache") / "profile", model_key, stats_key)
+    space = build_space(source, searched, tuple(cfg.types), stats, cache, cfg.workers, progress)
+
+    importance = {n: st.importance for n, st in stats.items()}
+    evaluator = KLEvaluator(forward, search_t)
+    held_out = KLEvaluator(forward, eval_t)
+
+    def kl_of(choice: np.ndarray) -> float:
+        assign = {**space.assignment(choice)}
+        return evaluator.mean_kl(QuantizedWeights(source, assign, importance.get))
+
+    result = RunResult()
+    storage = cfg.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    for budget, tensor_budget in zip(budgets, tensor_budgets):
+        settings = SearchSettings(budget=tensor_budget, n_trials=cfg.trials, timeout=cfg.timeout,
+                                  seed=cfg.seed, sampler=cfg.sampler)
+        name = cfg.study_name or f"{model_path.stem}-{budget.spec}"
+        study = open_study(storage, name if len(budgets) == 1 else f"{name}-{budget.spec}", space, settings)
+        run_study(study, space, settings, kl_of, show_progress=progress)
+        best = best_result(study)
+        assignment = {**fixed, **space.assignment(best.choice)}
+        assignment = {n: assignment[n] for n in names_all}  # model order
+        ho = held_out.stats(QuantizedWeights(source, assignment, importance.get))
+        tensor_bytes = sum(padded(_nbytes(source.shape(n), t)) for n, t in assignment.items())
+        n_params = int(sum(int(np.prod(source.shape(n))) for n in names_all))
+        recipe = schema.Recipe(
+            name=f"{_slug(model_path.stem)}-{_slug(budget.spec)}",
+            model=schema.ModelInfo(str(source.metadata("general.name", model_path.stem) if hasattr(source, "metadata") else model_path.stem),
+                                   source.config.arch, model_key, n_params),
+            tensors=assignment,
+            budget={"spec": budget.spec, "bytes": budget.file_bytes, "bpw": budget.bpw},
+            achieved={"tensor_bytes": tensor_bytes, "bytes_estimate": tensor_bytes + header_overhead(source),
+                      "bpw": round(8.0 * tensor_bytes / n_params, 4)},
+            calibration=calib_desc,
+            kl={k: float(v) for k, v in ho.to_dict().items() if isinstance(v, (int, float))},
+            search={"trials": best.n_complete + best.n_pruned + best.n_failed, "complete": best.n_complete,
+                    "pruned": best.n_pruned, "failed": best.n_failed, "sampler": cfg.sampler,
+                    "seed": cfg.seed, "types": list(space.types), "search_tokens": int(search_t.size),
+                    "proxy": space.proxy_of(best.choice), "search_kl": best.value,
+                    "knapsack_seed_kl": best.seed_value, "study": study.study_name},
+            created=_dt.date.today().isoformat(), dynsearch_version=__version__)
+        rpath = schema.save(recipe, run_dir / f"{recipe.name}.yaml")
+        result.recipe_paths.append(rpath)
+        gpath = None
+        if cfg.write_gguf:
+            from ..recipes.apply import apply_recipe
+            gpath = apply_recipe(recipe, model_path, run_dir / f"{recipe.name}.gguf",
+                                 importance=importance, progress=progress)
+            result.gguf_paths.append(gpath)
+        result.rows.append({"budget": budget.spec, "tensor_bytes": tensor_bytes,
+                            "file_bytes": gpath.stat().st_size if gpath else None,
+                            "bpw": recipe.achieved["bpw"], "proxy": space.proxy_of(best.choice),
+                            "search_kl": best.value, "seed_kl": best.seed_value,
+                            "heldout_mean_kl": ho.to_dict()["kld_mean"],
+                            "heldout": ho.to_dict(), "types": recipe.types_histogram(),
+                            "recipe": str(rpath), "gguf": str(gpath) if gpath else None})
+    result.report_path = atomic_write_text(run_dir / "report.json", json.dumps(result.rows, indent=2, default=str))
+    return result
+
+
+def _nbytes(shape, qtype: str) -> int:
+    from ..kernels import tensor_nbytes
+
+    return tensor_nbytes(shape, qtype)
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "-", s).strip("-")
+
+
+def _token_sets(model_path: Path, source, cfg: RunConfig):
+    """(calibration, fisher, search, held-out) token arrays (n_seq, seq_len) and the calibration's
+    description; search tokens are the first calibration sequences, held-out tokens come from the
+    disjoint evaluation set."""
+    from ..objectives import calibration as cal
+    from ..objectives.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(model_path) if model_path.is_file() else Tokenizer.from_tokenizer_json(model_path / "tokenizer.json")
+    c = cal.load_calibration(tok, source=cfg.calib, n_tokens=cfg.calib_tokens, seq_len=cfg.seq_len, seed=cfg.seed)
+    e = cal.load_evaluation(tok, n_tokens=cfg.eval_tokens, seq_len=cfg.seq_len)
+    calib = np.asarray(c.tokens)
+    n_f = max(1, cfg.fisher_tokens // cfg.seq_len)
+    n_s = max(1, cfg.search_tokens // cfg.seq_len)
+    desc = {"description": c.description, "sha256": c.content_hash, "n_tokens": int(calib.size),
+            "seq_len": cfg.seq_len}
+    return calib, calib[:n_f], calib[-n_s:], np.asarray(e.tokens), desc

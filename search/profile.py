@@ -1,0 +1,136 @@
+"""Profiling: for every tensor and candidate type, the exact size and the proxy error.
+
+The error of writing weight ``W`` (out x in) as type ``q`` is the expected KL divergence it adds,
+to second order (a diagonal Fisher on the tensor's outputs, the input second moment on its inputs):
+
+    e(W, q) = 1/2 * sum_o f_o * (dW_o  H  dW_o^T),    dW = dequant(quant(W, q)) - W
+
+with ``H = X^T X / N`` the mean second moment of the tensor's inputs over the calibration tokens
+and ``f_o`` the mean squared gradient of the sampled log-likelihood w.r.t. output ``o``
+(:mod:`dynsearch.search.sensitivity`). An embedding table is also a lookup: its rows are weighted
+by token frequency and its columns by the Fisher of the residual stream it feeds.
+Quantization uses the importance vector as ``llama-quantize --imatrix`` does, so the error is the
+one of the file that will be written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_open
+from ..kernels import dequantize, effective_type, quantize, tensor_nbytes
+
+log = logging.getLogger(__name__)
+
+GGUF_ALIGNMENT = 32  # llama.cpp pads every tensor's data to this (general.alignment default)
+PROFILE_VERSION = 1  # bump when the error definition changes: old cache entries are ignored
+
+
+def padded(nbytes: int, alignment: int = GGUF_ALIGNMENT) -> int:
+    return -(-nbytes // alignment) * alignment
+
+
+@dataclass
+class TensorStats:
+    """How one tensor is used on the calibration tokens (all optional: None = not measured)."""
+
+    xtx: torch.Tensor | None = None  # (in, in) mean input second moment X^T X / N
+    fisher_out: np.ndarray | None = None  # (out,) mean squared output gradient
+    importance: np.ndarray | None = None  # (in,) imatrix vector given to the quantizer
+    row_weight: np.ndarray | None = None  # (rows,) lookup frequency of each row (embeddings)
+    fisher_col: np.ndarray | None = None  # (in,) Fisher of what a looked-up row feeds
+
+
+def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
+    """The second-order KL estimate of replacing ``w`` by ``dq`` (see module docstring)."""
+    d = torch.from_numpy(dq - w)
+    total = 0.0
+    if stats.xtx is not None:
+        h = stats.xtx.to(torch.float32)
+        per_row = ((d @ h) * d).sum(dim=1).double()  # (out,) dW_o H dW_o^T
+        f = torch.ones_like(per_row) if stats.fisher_out is None else torch.from_numpy(stats.fisher_out).double()
+        total += 0.5 * float((f * per_row).sum())
+    if stats.row_weight is not None:
+        rw = torch.from_numpy(stats.row_weight).double()
+        col = (torch.ones(d.shape[1], dtype=torch.float64) if stats.fisher_col is None
+               else torch.from_numpy(stats.fisher_col).double())
+        total += 0.5 * float(rw @ ((d.double() ** 2) @ col))
+    if stats.xtx is None and stats.row_weight is None:  # nothing measured: plain weight MSE
+        total = float((d.double() ** 2).mean())
+    return total
+
+
+def profile_tensor(w: np.ndarray, types: list[str], stats: TensorStats) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(written types, padded sizes, errors) of ``w`` (rows, n_per_row) for each candidate type.
+
+    llama.cpp's fallback is applied: a type whose block does not fit the rows is written as its
+    fallback, with that type's size and error.
+    """
+    w2 = np.ascontiguousarray(w.reshape(-1, w.shape[-1]), dtype=np.float32)
+    n_per_row = w2.shape[1]
+    written, sizes, errors = [], [], []
+    done: dict[str, tuple[int, float]] = {}
+    for t in types:
+        eff = effective_type(t, n_per_row).name
+        if eff not in done:
+            imp = stats.importance if stats.importance is not None else None
+            dq = dequantize(quantize(w2, eff, imp), eff, n_per_row)
+            done[eff] = (padded(tensor_nbytes(w2.shape, eff)), quant_error(w2, dq, stats))
+        written.append(eff)
+        sizes.append(done[eff][0])
+        errors.append(done[eff][1])
+    return written, np.array(sizes, dtype=np.int64), np.array(errors, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: one small .npz per (model, calibration, tensor, type list), written atomically and
+# checked on read; a corrupt or foreign entry is recomputed, never trusted.
+
+
+class ProfileCache:
+    def __init__(self, folder: str | Path, model_key: str, stats_key: str):
+        self.folder = Path(folder)
+        self.prefix = f"v{PROFILE_VERSION}|{model_key}|{stats_key}"
+
+    def _key(self, name: str, types: list[str]) -> str:
+        return hashlib.sha256(f"{self.prefix}|{name}|{','.join(types)}".encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npz"
+
+    def get(self, name: str, types: list[str]):
+        key = self._key(name, types)
+        path = self._path(key)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) != key:
+                    raise ValueError("key mismatch")
+                written = [str(s) for s in z["written"]]
+                sizes, errors = z["sizes"].astype(np.int64), z["errors"].astype(np.float64)
+            if len(written) != len(types) or sizes.shape != (len(types),) or errors.shape != (len(types),):
+                raise ValueError("shape mismatch")
+            if not np.isfinite(errors).all() or (errors < 0).any() or (sizes <= 0).any():
+                raise ValueError("invalid values")
+            return written, sizes, errors
+        except Exception as e:  # noqa: BLE001 - any damage means: recompute
+            log.warning("profile cache entry for %s is corrupt (%s); recomputing", name, e)
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, name: str, types: list[str], written, sizes, errors) -> None:
+        key = self._key(name, types)
+        with atomic_open(self._path(key), "wb") as f:
+            np.savez(f, key=np.array(key), written=np.array(written), sizes=sizes, errors=errors)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

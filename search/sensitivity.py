@@ -1,0 +1,113 @@
+"""Output sensitivities: the diagonal Fisher of the model's next-token distribution with respect to
+every linear layer's outputs, the embedding outputs and the logits.
+
+One backward pass, block by block (the inputs of every block are kept from the forward pass, each
+block is re-run with autograd and back-propagated, then freed), with the labels *sampled* from the
+model itself, so that ``E[g g]`` is the Fisher, not the empirical Fisher of the text. Only squared
+gradients summed over tokens are kept: ``f_o = mean_n g_{n,o}^2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..objectives.blocks import block, rms_norm
+
+
+@dataclass
+class Sensitivities:
+    n_tokens: int
+    fisher_out: dict[str, np.ndarray] = field(default_factory=dict)  # linear name -> (out,)
+    fisher_embed: np.ndarray | None = None  # (d,) w.r.t. the token embeddings (block 0 input)
+    token_counts: np.ndarray | None = None  # (vocab,) occurrences of each token
+
+
+class _OutputGrads:
+    """Capture object for the block functions: hooks every linear output's gradient."""
+
+    def __init__(self, sums: dict[str, torch.Tensor]):
+        self.sums = sums
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:  # inputs are not needed here
+        pass
+
+    def on_output(self, name: str, y: torch.Tensor) -> None:
+        if not y.requires_grad:
+            return
+
+        def hook(g: torch.Tensor, name=name):
+            s = g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0)
+            self.sums[name] = self.sums[name] + s if name in self.sums else s
+
+        y.register_hook(hook)
+
+
+def _head_logits(forward, x_final: torch.Tensor) -> torch.Tensor:
+    out_name = "output.weight" if forward._has_output else "token_embd.weight"
+    norm = forward.weight("output_norm.weight")
+    w_out = forward.weight(out_name)
+    logits = torch.nn.functional.linear(rms_norm(x_final, norm, forward.cfg.rms_eps), w_out)
+    cap = forward.cfg.final_logit_softcap
+    return torch.tanh(logits / cap) * cap if cap > 0 else logits
+
+
+def fisher_pass(forward, tokens: np.ndarray, seed: int = 0) -> Sensitivities:
+    """Sampled-label Fisher diagonals for every linear output of ``forward``'s model."""
+    tokens = np.asarray(tokens)
+    n_seq, T = tokens.shape
+    n = n_seq * T
+    bs = forward.batch_size
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    sums: dict[str, torch.Tensor] = {}
+
+    # forward, keeping each block's input
+    with torch.inference_mode():
+        h = forward.embed(tokens)
+    inputs = []
+    for il in range(forward.cfg.n_layer):
+        inputs.append(h.clone())
+        forward.run_block(il, h)
+
+    # the head: sample labels from the model's own distribution, back-propagate to h
+    out_name = "output.weight" if forward._has_output else "token_embd.weight"
+    grad = torch.zeros_like(h)
+    logit_sq = None
+    for s in range(0, n_seq, bs):
+        x = h[s:s + bs].detach().clone().requires_grad_(True)
+        logits = _head_logits(forward, x)
+        p = torch.softmax(logits.detach().double(), dim=-1)
+        flat = p.reshape(-1, p.shape[-1])
+        labels = torch.multinomial(flat.float().cpu(), 1, generator=gen).to(flat.device)[:, 0]
+        g_logits = flat.clone()
+        g_logits[torch.arange(flat.shape[0]), labels] -= 1.0  # d(-log p_label)/d logits
+        sq = g_logits.pow(2).sum(0)
+        logit_sq = sq if logit_sq is None else logit_sq + sq
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels,
+                                                 reduction="sum")
+        loss.backward()
+        grad[s:s + bs] = x.grad
+    sums[out_name] = logit_sq
+
+    # blocks in reverse: re-run each with autograd, back-propagate the incoming gradient
+    hooks = _OutputGrads(sums)
+    for il in range(forward.cfg.n_layer - 1, -1, -1):
+        lw = forward.layer_weights(il)
+        rope, mask = forward._rope(il, T), forward._mask(il, T)
+        new_grad = torch.zeros_like(grad)
+        for s in range(0, n_seq, bs):
+            x = inputs[il][s:s + bs].detach().clone().requires_grad_(True)
+            y = block(forward.spec, forward.cfg, lw, x, rope, mask, hooks)
+            y.backward(grad[s:s + bs])
+            new_grad[s:s + bs] = x.grad
+        grad = new_grad
+        inputs[il] = None  # free as we go
+        del lw
+
+    sens = Sensitivities(n_tokens=n)
+    sens.fisher_out = {k: (v / n).cpu().numpy() for k, v in sums.items()}
+    sens.fisher_embed = (grad.double().pow(2).reshape(-1, grad.shape[-1]).sum(0) / n).cpu().numpy()
+    sens.token_counts = np.bincount(tokens.reshape(-1), minlength=forward.cfg.n_vocab).astype(np.float64)
+    return sens
