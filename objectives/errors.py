@@ -1,10 +1,7 @@
-"""Errors raised when a model cannot be read or run."""
+"""Errors raised when a model cannot be read or run (one hierarchy: :mod:`dynsearch.errors`)."""
 
 from __future__ import annotations
 
+from ..errors import ModelError
 
-class ModelError(Exception):
-    """A model file or folder that cannot be used: missing file, unknown architecture, missing tensor.
-
-    The message is one line that names the file or tensor, fit to print as a command's error.
-    """
+__all__ = ["ModelError"]
