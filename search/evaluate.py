@@ -22,9 +22,8 @@ from ..objectives.kl import KLAccumulator, mean_kl
 class QuantizedWeights(Mapping):
     """``name -> dequantize(quantize(W, type))`` for the tensors of an assignment, on demand.
 
-    ``importance`` gives the imatrix vector per tensor name (or None), as the written file uses.
-    Tensors whose assigned type is the source type itself are passed through unchanged when
-    ``source_qtype`` matches (re-quantizing them is lossless only for some types).
+    ``importance`` gives the imatrix vector per tensor name (or None), as the written file uses,
+    so the weights scored are exactly those the GGUF will hold.
     """
 
     def __init__(self, source, assignment: Mapping[str, str], importance=None):
