@@ -110,8 +110,13 @@ def bf16_to_fp32(h):
 
 @njit(cache=True, nogil=True, inline="always")
 def nearest_int(fval):
-    """ggml's nearest_int: round half to even (valid for |fval| < 2**22), as int32."""
-    return np.int32(np.rint(f32(fval)))
+    """ggml's ``nearest_int`` bit trick (fval + 1.5*2**23, then the low mantissa bits), as int32.
+
+    Rounds half to even for |fval| < 2**22 and reproduces ggml bit for bit beyond that range and
+    for inf/NaN, which occur when an fp16 scale overflows.
+    """
+    val = f32(fval) + f32(12582912.0)
+    return np.int32(f32_bits(val) & np.uint32(0x007FFFFF)) - np.int32(0x00400000)
 
 
 @njit(cache=True, nogil=True, inline="always")

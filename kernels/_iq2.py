@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._fp import f32, fp32_to_fp16
-from ._iq_search import (fmax_c, fold_signs_even, grid_index, imatrix_weights, nearest_int_c,
+from ._iq_search import (fmax_c, fold_signs_even, grid_index, imatrix_weights, nearest_int,
                          search_scale, sum_sq)
 
 QK_K = 256
@@ -33,7 +33,7 @@ def make_qp_quants(nmax, x, L, w):
         return f32(0.0)
     iscale = f32(nmax) / mx
     for i in range(n):
-        L[i] = nearest_int_c(iscale * x[i])
+        L[i] = nearest_int(iscale * x[i])
     scale = f32(1.0) / iscale
     best_mse = f32(0.0)
     for i in range(n):
@@ -46,7 +46,7 @@ def make_qp_quants(nmax, x, L, w):
         scale_is = f32(1.0) / iscale_is
         mse = f32(0.0)
         for i in range(n):
-            l = min(nmax, nearest_int_c(iscale_is * x[i]))
+            l = min(nmax, nearest_int(iscale_is * x[i]))
             diff = x[i] - scale_is * f32(l)
             mse += w[i] * diff * diff
         if mse < best_mse:
@@ -55,7 +55,7 @@ def make_qp_quants(nmax, x, L, w):
     sumlx = f32(0.0)
     suml2 = f32(0.0)
     for i in range(n):
-        l = min(nmax, nearest_int_c(iscale * x[i]))
+        l = min(nmax, nearest_int(iscale * x[i]))
         L[i] = l
         sumlx += w[i] * x[i] * f32(l)
         suml2 += w[i] * f32(l) * f32(l)
@@ -67,7 +67,7 @@ def make_qp_quants(nmax, x, L, w):
             slx = sumlx - wi * x[i] * li
             sl2 = suml2 - wi * li * li
             if slx > f32(0.0) and sl2 > f32(0.0):
-                new_l = min(nmax, nearest_int_c(x[i] * sl2 / slx))
+                new_l = min(nmax, nearest_int(x[i] * sl2 / slx))
                 if new_l != L[i]:
                     slx += wi * x[i] * f32(new_l)
                     sl2 += wi * f32(new_l) * f32(new_l)
@@ -146,7 +146,7 @@ def quantize_iq2_xxs_k(x, qw, out, grid, kmap, nbr):
             _put_fp16(blk, d)
             inv = f32(1.0) / d
             for ib in range(8):
-                l = max(0, min(15, nearest_int_c(f32(0.5) * (inv * scales[ib] - f32(1.0)))))
+                l = max(0, min(15, nearest_int(f32(0.5) * (inv * scales[ib] - f32(1.0)))))
                 q2[2 * ib + 1] |= np.uint32(l) << np.uint32(28)
             for i in range(16):
                 for b in range(4):
@@ -201,7 +201,7 @@ def quantize_iq2_xs_k(x, qw, out, grid, kmap, nbr):
             _put_fp16(blk, d)
             inv = f32(1.0) / d
             for ib in range(16):
-                l = max(0, min(15, nearest_int_c(f32(0.5) * (inv * scales[ib] - f32(1.0)))))
+                l = max(0, min(15, nearest_int(f32(0.5) * (inv * scales[ib] - f32(1.0)))))
                 blk[66 + ib // 2] |= np.uint8(l << (4 * (ib % 2)))
             for i in range(32):
                 blk[2 + 2 * i] = np.uint8(q2[i] & 0xFF)

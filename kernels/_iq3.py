@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._fp import f32, fp32_to_fp16
-from ._iq_search import (fmax_c, fold_signs_even, grid_index, imatrix_weights, nearest_int_c,
+from ._iq_search import (fmax_c, fold_signs_even, grid_index, imatrix_weights, nearest_int,
                          search_scale, sum_sq)
 
 QK_K = 256
@@ -74,7 +74,7 @@ def quantize_iq3_xxs_k(x, qw, out, grid, kmap, nbr):
             blk[1] = np.uint8(h >> 8)
             inv = f32(1.0) / d
             for ib in range(8):
-                l = max(0, min(15, nearest_int_c(f32(0.5) * (inv * scales[ib] - f32(1.0)))))
+                l = max(0, min(15, nearest_int(f32(0.5) * (inv * scales[ib] - f32(1.0)))))
                 sas[ib] |= np.uint32(l) << np.uint32(28)
             blk[2:66] = q3[:64]
             for ib in range(8):
@@ -150,6 +150,6 @@ def quantize_iq3_s_k(x, qw, out, grid, kmap, nbr):
             blk[1] = np.uint8(h >> 8)
             inv = f32(1.0) / d
             for ib in range(0, 8, 2):
-                l1 = max(0, min(15, nearest_int_c(f32(0.5) * (inv * scales[ib] - f32(1.0)))))
-                l2 = max(0, min(15, nearest_int_c(f32(0.5) * (inv * scales[ib + 1] - f32(1.0)))))
+                l1 = max(0, min(15, nearest_int(f32(0.5) * (inv * scales[ib] - f32(1.0)))))
+                l2 = max(0, min(15, nearest_int(f32(0.5) * (inv * scales[ib + 1] - f32(1.0)))))
                 blk[106 + ib // 2] = np.uint8(l1 | (l2 << 4))

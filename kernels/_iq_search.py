@@ -9,16 +9,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._fp import f32, f32_bits
+from ._fp import f32, nearest_int
 
 FLT_MAX = f32(3.4028234663852886e38)
 
-
-@njit(cache=True, nogil=True, inline="always")
-def nearest_int_c(fval):
-    """ggml's nearest_int bit trick (fval + 1.5*2**23), also for out-of-range inputs."""
-    val = f32(fval) + f32(12582912.0)
-    return np.int32(f32_bits(val) & np.uint32(0x007FFFFF)) - np.int32(0x00400000)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -120,7 +114,7 @@ def _snap(xval, k, dim, kmaxq, inv, L):
     bits = 3 if dim == 4 else 2
     u = 0
     for i in range(dim):
-        l = nearest_int_c(f32(0.5) * (inv * xval[dim * k + i] - f32(1.0)))
+        l = nearest_int(f32(0.5) * (inv * xval[dim * k + i] - f32(1.0)))
         l = max(0, min(kmaxq - 1, l))
         L[dim * k + i] = l
         u |= l << (bits * i)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._fp import f32, f32_bits, fp16_to_fp32, fp32_to_fp16
+from ._fp import f32, fp16_to_fp32, fp32_to_fp16, nearest_int
 from ._iq2 import quantize_iq2_xs_k, quantize_iq2_xxs_k
 from ._iq3 import quantize_iq3_s_k, quantize_iq3_xxs_k
 from ._iq_grids import grid_table, ksigns_table, quant_tables
@@ -45,12 +45,6 @@ GROUP_MAX_EPS = f32(1e-15)
 # ---------------------------------------------------------------------------------------------
 # scalar helpers
 
-
-@njit(cache=True, nogil=True, inline="always")
-def nearest_int_c(fval):
-    """ggml's nearest_int bit trick (fval + 1.5*2**23), also for out-of-range inputs."""
-    val = f32(fval) + f32(12582912.0)
-    return np.int32(f32_bits(val) & np.uint32(0x007FFFFF)) - np.int32(0x00400000)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -210,7 +204,7 @@ def quantize_iq4_xs(x, qw, out):
             inv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
             scales_h = 0
             for ib in range(8):
-                ls = min(31, max(-32, nearest_int_c(inv * scales[ib])))
+                ls = min(31, max(-32, nearest_int(inv * scales[ib])))
                 dl = d * f32(ls)
                 idl = f32(1.0) / dl if dl != f32(0.0) else f32(0.0)
                 for j in range(32):

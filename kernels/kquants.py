@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._fp import bits_f32, f32, f32_bits, fp16_to_fp32, fp32_to_fp16
+from ._fp import f32, fp16_to_fp32, fp32_to_fp16, nearest_int
 from .registry import register
 from .types import QT
 
@@ -38,12 +38,6 @@ _F1 = f32(1.0)
 # ---------------------------------------------------------------------------------------------
 # Scalar helpers
 
-
-@njit(inline="always", **_jit)
-def nearest_int(fval):
-    """ggml's ``nearest_int`` bit trick, exact for every float (also |fval| >= 2**22, inf, NaN)."""
-    val = f32(fval) + f32(12582912.0)
-    return np.int32(f32_bits(val) & np.uint32(0x007FFFFF)) - np.int32(0x00400000)
 
 
 @njit(inline="always", **_jit)

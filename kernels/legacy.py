@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from ._fp import f32, f32_bits, bits_f32, fp16_to_fp32, fp32_to_fp16, roundf
+from ._fp import f32, bits_f32, fp16_to_fp32, fp32_to_fp16, nearest_int, roundf
 from .registry import register
 from .types import QT
 
@@ -35,7 +35,6 @@ GROUP_MAX_EPS = f32(1e-15)
 _F0 = f32(0.0)
 _F1 = f32(1.0)
 _F05 = f32(0.5)
-_MAGIC = f32(12582912.0)  # 1.5 * 2**23, nearest_int's rounding constant
 _I32_LIMIT = f32(2147483648.0)
 _FLT_MAX = f32(np.finfo(np.float32).max)
 KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
@@ -64,12 +63,6 @@ def _qkx3_scratch():
 
 
 # ----------------------------------------------------------------------------- scalar helpers
-
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def nearest_int(fval):
-    """ggml's nearest_int, bit for bit (magic-number rounding, also for NaN/inf inputs)."""
-    i = np.int32(f32_bits(f32(fval) + _MAGIC))
-    return (i & np.int32(0x007FFFFF)) - np.int32(0x00400000)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
