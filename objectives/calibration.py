@@ -24,13 +24,13 @@ import io
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_write_bytes
 from ..errors import DynsearchError
 
 log = logging.getLogger(__name__)
@@ -232,24 +232,13 @@ def _read_cache(path: Path, key: str) -> tuple[np.ndarray, int] | None:
     return arr, int(meta.get("n_docs", 0))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_cache(path: Path, key: str, arr: np.ndarray, n_docs: int) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
-        _atomic_write(path, buf.getvalue())
-        _atomic_write(path.with_suffix(".json"), json.dumps({"key": key, "sha256": _array_hash(arr), "n_docs": n_docs}).encode())
+        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps({"key": key, "sha256": _array_hash(arr), "n_docs": n_docs}).encode())
     except OSError as e:  # a read-only cache is not fatal
         log.warning("could not write token cache %s: %s", path, e)
 

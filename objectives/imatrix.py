@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..atomic import atomic_path
 
 GGUF_MAGIC = b"GGUF"
 KEY_TYPE = "general.type"
@@ -208,12 +209,7 @@ def write_imatrix(path: str | os.PathLike[str], data: ImatrixData) -> Path:
         raise ValueError("refusing to write an imatrix without entries (llama.cpp cannot load it)")
     if not data.datasets:  # llama-quantize refuses a GGUF imatrix without the datasets key
         raise ValueError("an imatrix needs at least one dataset name (ImatrixData.datasets)")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file an ordinary file's mode
-    try:
+    with atomic_path(path) as tmp:
         writer = GGUFWriter(tmp, arch="imatrix")
         writer.kv_data[0].pop("general.architecture", None)  # llama-imatrix writes no architecture
         writer.add_type("imatrix")
@@ -228,12 +224,5 @@ def write_imatrix(path: str | os.PathLike[str], data: ImatrixData) -> Path:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        for fh in writer.fout or []:
-            fh.flush()
-            os.fsync(fh.fileno())
         writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -8,9 +8,6 @@ temporary file in the destination folder that is fsynced and renamed only when c
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -18,7 +15,7 @@ import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..atomic import _fsync_dir, _umask_mode
+from ..atomic import atomic_path
 from ..errors import RecipeError
 from ..kernels import QT, parse_qtype, quantize, tensor_nbytes
 from .schema import Recipe
@@ -63,10 +60,7 @@ def apply_recipe(recipe: Recipe, model_path: str | Path, out_path: str | Path,
     imp = importance.get if isinstance(importance, Mapping) else (importance or (lambda n: None))
 
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, src.config.arch)
         align = src.metadata("general.alignment")
         if align:
@@ -93,15 +87,6 @@ def apply_recipe(recipe: Recipe, model_path: str | Path, out_path: str | Path,
             data = rows.astype(np.float32) if qt == QT.F32 else quantize(rows, qt, imp(n))
             writer.write_tensor_data(data)
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return out
 
 
