@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..atomic import atomic_open, atomic_write_text
 from ..errors import DynsearchError
-from ..kernels import effective_type, parse_qtype
+from ..kernels import effective_type, parse_qtype, tensor_nbytes
 from ..recipes import schema
-from .budget import Budget, check_reachable, format_bytes, parse_budget
+from .budget import check_reachable, parse_budget
 from .profile import GGUF_ALIGNMENT, ProfileCache, TensorStats, padded, profile_tensor
 from .space import SearchSpace, layer_groups
 from .study import SearchSettings, best_result, open_study, run_study
@@ -263,7 +263,7 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
                     fixed[n] = t
                     break
     searched = [n for n in names_all if n not in fixed]
-    fixed_bytes = sum(padded(_nbytes(source.shape(n), t)) for n, t in fixed.items())
+    fixed_bytes = sum(padded(tensor_nbytes(source.shape(n), t)) for n, t in fixed.items())
     overhead = header_overhead(source) + fixed_bytes
 
     # every budget is checked against the reachable sizes before any costly work
@@ -272,7 +272,7 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     for budget in budgets:
         tb = (budget.tensor_bytes(n_searched, 0) if budget.bpw is not None
               else budget.tensor_bytes(0, overhead))
-        sizes = np.array([[padded(_nbytes(source.shape(n), effective_type(t, source.shape(n)[-1]).name))
+        sizes = np.array([[padded(tensor_nbytes(source.shape(n), effective_type(t, source.shape(n)[-1]).name))
                            for t in cfg.types] for n in searched], dtype=np.int64)
         check_reachable(budget, tb, int(sizes.min(axis=1).sum()), int(sizes.max(axis=1).sum()))
         tensor_budgets.append(tb)
@@ -312,7 +312,7 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
         assignment = {**fixed, **space.assignment(best.choice)}
         assignment = {n: assignment[n] for n in names_all}  # model order
         ho = held_out.stats(QuantizedWeights(source, assignment, importance.get))
-        tensor_bytes = sum(padded(_nbytes(source.shape(n), t)) for n, t in assignment.items())
+        tensor_bytes = sum(padded(tensor_nbytes(source.shape(n), t)) for n, t in assignment.items())
         n_params = int(sum(int(np.prod(source.shape(n))) for n in names_all))
         recipe = schema.Recipe(
             name=f"{_slug(model_path.stem)}-{_slug(budget.spec)}",
@@ -347,12 +347,6 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
                             "recipe": str(rpath), "gguf": str(gpath) if gpath else None})
     result.report_path = atomic_write_text(run_dir / "report.json", json.dumps(result.rows, indent=2, default=str))
     return result
-
-
-def _nbytes(shape, qtype: str) -> int:
-    from ..kernels import tensor_nbytes
-
-    return tensor_nbytes(shape, qtype)
 
 
 def _slug(s: str) -> str:

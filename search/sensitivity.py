@@ -45,10 +45,7 @@ class _OutputGrads:
         y.register_hook(hook)
 
 
-def _head_logits(forward, x_final: torch.Tensor) -> torch.Tensor:
-    out_name = "output.weight" if forward._has_output else "token_embd.weight"
-    norm = forward.weight("output_norm.weight")
-    w_out = forward.weight(out_name)
+def _head_logits(forward, x_final: torch.Tensor, norm: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     logits = torch.nn.functional.linear(rms_norm(x_final, norm, forward.cfg.rms_eps), w_out)
     cap = forward.cfg.final_logit_softcap
     return torch.tanh(logits / cap) * cap if cap > 0 else logits
@@ -73,11 +70,12 @@ def fisher_pass(forward, tokens: np.ndarray, seed: int = 0) -> Sensitivities:
 
     # the head: sample labels from the model's own distribution, back-propagate to h
     out_name = "output.weight" if forward._has_output else "token_embd.weight"
+    norm, w_out = forward.weight("output_norm.weight"), forward.weight(out_name)  # loaded once
     grad = torch.zeros_like(h)
     logit_sq = None
     for s in range(0, n_seq, bs):
         x = h[s:s + bs].detach().clone().requires_grad_(True)
-        logits = _head_logits(forward, x)
+        logits = _head_logits(forward, x, norm, w_out)
         p = torch.softmax(logits.detach().double(), dim=-1)
         flat = p.reshape(-1, p.shape[-1])
         labels = torch.multinomial(flat.float().cpu(), 1, generator=gen).to(flat.device)[:, 0]
@@ -90,6 +88,7 @@ def fisher_pass(forward, tokens: np.ndarray, seed: int = 0) -> Sensitivities:
         loss.backward()
         grad[s:s + bs] = x.grad
     sums[out_name] = logit_sq
+    del norm, w_out
 
     # blocks in reverse: re-run each with autograd, back-propagate the incoming gradient
     hooks = _OutputGrads(sums)
