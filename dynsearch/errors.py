@@ -6,12 +6,13 @@ class DynsearchError(Exception):
     """Base of every error dynsearch reports to a user."""
 
 
-class GGUFError(DynsearchError, ValueError):
-    """A GGUF file is missing, malformed or unsupported."""
-
-
 class ModelError(DynsearchError, ValueError):
     """A model (GGUF or Hugging Face folder) cannot be used: missing, unknown architecture, ..."""
+
+
+class GGUFError(ModelError):
+    """A GGUF file is missing, malformed or unsupported (a model error: code that opens a model
+    catches both with ``ModelError``)."""
 
 
 class RecipeError(DynsearchError, ValueError):
@@ -20,3 +21,7 @@ class RecipeError(DynsearchError, ValueError):
 
 class BudgetError(DynsearchError, ValueError):
     """A size budget is malformed or cannot be reached."""
+
+
+class BenchError(DynsearchError, RuntimeError):
+    """A benchmark step failed: a llama.cpp tool exited with an error, or its output is unusable."""
