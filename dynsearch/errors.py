@@ -25,3 +25,7 @@ class BudgetError(DynsearchError, ValueError):
 
 class BenchError(DynsearchError, RuntimeError):
     """A benchmark step failed: a llama.cpp tool exited with an error, or its output is unusable."""
+
+
+class StorageError(DynsearchError, ValueError):
+    """An Optuna storage URL is malformed or unreachable, or a study in it cannot be used."""
