@@ -115,10 +115,14 @@ def make_objective(space: SearchSpace, settings: SearchSettings,
 
 
 def run_study(study: optuna.Study, space: SearchSpace, settings: SearchSettings,
-              evaluate: Callable[[np.ndarray], float], show_progress: bool = True) -> optuna.Study:
-    """Run trials until the study holds ``settings.n_trials`` finished ones (all workers)."""
+              evaluate: Callable[[np.ndarray], float], show_progress: bool = True,
+              max_trials: int | None = None) -> optuna.Study:
+    """Run trials until the study holds ``settings.n_trials`` finished ones (all workers), or
+    this process ran ``max_trials``."""
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     remaining = settings.n_trials - done
+    if max_trials is not None:
+        remaining = min(remaining, max_trials)
     if remaining <= 0:
         return study
     callback = optuna.study.MaxTrialsCallback(settings.n_trials,
