@@ -44,6 +44,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from .recipes import schema
+    from .recipes.apply import ImatrixFile, apply_recipe
+
+    recipe = schema.load(args.recipe)
+    imatrix = ImatrixFile.read(args.imatrix) if args.imatrix else None
+    path = apply_recipe(recipe, args.model, args.output, importance=imatrix, progress=not args.quiet)
+    print(f"wrote {path} ({path.stat().st_size:,} bytes; {len(recipe.tensors)} tensors, "
+          f"{len(recipe.types_histogram())} types)")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .atomic import atomic_write_text
+    from .recipes import schema
+    from .recipes.export import export_llama_quantize
+
+    recipe = schema.load(args.recipe)
+    types_path = args.output or f"{recipe.name}.tensor-types.txt"
+    ex = export_llama_quantize(recipe, types_path, model=args.model, output=args.gguf,
+                               imatrix=args.imatrix)
+    if args.output:
+        atomic_write_text(args.output, ex.tensor_types)
+        print(f"wrote {args.output} ({len(recipe.tensors)} tensors); reproduce the GGUF with:")
+        print(ex.command_line())
+    else:  # the file on stdout, the command (which names it) on stderr
+        sys.stdout.write(ex.tensor_types)
+        print(ex.command_line(), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynsearch", description="Search-based dynamic GGUF quantization.")
     p.add_argument("--version", action="version", version=f"dynsearch {__version__}")
@@ -74,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-gguf", action="store_true", help="write the recipe only")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_run)
+    s = sub.add_parser("apply", help="write a recipe's GGUF from a source GGUF (our kernels)")
+    s.add_argument("recipe", help="recipe YAML")
+    s.add_argument("model", help="source .gguf (F32/F16/BF16, or quantized: dequantized first)")
+    s.add_argument("-o", "--output", required=True, help="GGUF to write")
+    s.add_argument("--imatrix", help="importance matrix (llama-imatrix's GGUF or legacy .dat)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_apply)
+    s = sub.add_parser("export", help="a recipe as llama-quantize's --tensor-type-file and command line")
+    s.add_argument("recipe", help="recipe YAML")
+    s.add_argument("--to", required=True, choices=["llama-quantize"], help="target tool")
+    s.add_argument("-o", "--output", help="tensor-type file to write (default: print it to stdout)")
+    s.add_argument("--model", help="source .gguf for the command line (checked against the recipe)")
+    s.add_argument("--imatrix", help="imatrix file for the command line")
+    s.add_argument("--gguf", help="output GGUF named in the command line (default: RECIPE_NAME.gguf)")
+    s.set_defaults(func=_cmd_export)
     s = sub.add_parser("bench-kernels", help="kernel throughput vs ggml and gguf-py",
                        add_help=False)
     s.add_argument("bench_args", nargs=argparse.REMAINDER)

@@ -1,4 +1,5 @@
-"""Writing GGUF files of float tensors: a dequantized copy of a model, or a model from arrays.
+"""Writing GGUF files: a dequantized copy of a model, a model from arrays, and the one tensor loop
+every writer uses (``recipes.apply`` included).
 
 Tensors are streamed to disk one at a time (gguf-py's ``GGUFWriter`` in its explicit
 header -> kv -> tensor-info -> data order), so a copy never holds the whole model in memory.
@@ -6,11 +7,13 @@ header -> kv -> tensor-info -> data order), so a copy never holds the whole mode
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import gguf
 import numpy as np
+from tqdm.auto import tqdm
 
 from dynsearch.kernels import QT, parse_qtype, quantize, tensor_nbytes
 from dynsearch.kernels import dequantize as _kernels_dequantize
@@ -26,6 +29,16 @@ _FILE_TYPE = {QT.F32: gguf.LlamaFileType.ALL_F32, QT.F16: gguf.LlamaFileType.MOS
               QT.BF16: gguf.LlamaFileType.MOSTLY_BF16}
 
 
+@dataclass(frozen=True)
+class TensorOut:
+    """One tensor to write: its stored type and a thunk that produces its stored data when written."""
+
+    name: str
+    shape: tuple[int, ...]  # numpy order: the last axis is the row
+    qtype: QT
+    data: Callable[[], np.ndarray]  # float32 for F32, else the GGUF blocks (uint8)
+
+
 def copy_metadata(header: GGUFHeader, writer: gguf.GGUFWriter,
                   keep: Callable[[str], bool] = lambda key: True) -> None:
     """Copy every metadata field of ``header`` that ``keep`` accepts, with its GGUF value type."""
@@ -34,28 +47,49 @@ def copy_metadata(header: GGUFHeader, writer: gguf.GGUFWriter,
             writer.add_key_value(key, f.value, f.vtype, sub_type=f.sub_type)
 
 
-def _encode(rows: np.ndarray, qtype: QT) -> np.ndarray:
-    """float32 (..., n) -> the bytes GGUF stores for ``qtype`` (F32 as float32, others as blocks)."""
-    if qtype == QT.F32:
-        return np.ascontiguousarray(rows, dtype=np.float32)
-    return quantize(rows.reshape(-1, rows.shape[-1]), qtype)
+def metadata_writer(path: str | Path, header: GGUFHeader,
+                    keep: Callable[[str], bool] = lambda key: True) -> gguf.GGUFWriter:
+    """A GGUFWriter starting with ``header``'s metadata (the fields ``keep`` accepts) in the source's
+    order, the architecture and alignment where they stand, as llama.cpp's ``gguf_set_kv`` copies a
+    source's metadata into the file it quantizes; the data alignment follows the source's."""
+    arch = header.get("general.architecture")
+    if arch is None:
+        raise ModelError(f"{header.path.name}: no general.architecture in the metadata")
+    writer = gguf.GGUFWriter(path, arch)
+    writer.kv_data[0].clear()  # the architecture comes from the source, in its place
+    writer.data_alignment = header.alignment
+    for key, f in header.fields.items():
+        if keep(key):
+            writer.add_key_value(key, f.value, f.vtype, sub_type=f.sub_type)
+    return writer
 
 
-def write_tensors(writer: gguf.GGUFWriter, tensors: Iterable[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]],
-                  qtype_of: Callable[[str, tuple[int, ...]], QT]) -> None:
-    """Write tensor infos and then the data, loading each tensor (via its thunk) only when written.
+def encode(w: np.ndarray, qtype: QT, importance: np.ndarray | None = None) -> np.ndarray:
+    """float32 (..., n_per_row) -> the data GGUF stores for ``qtype``: float32 for F32, else blocks.
 
-    ``tensors`` yields (name, numpy shape, load) and is iterated twice; ``qtype_of`` picks the type.
+    ``importance`` is one vector per matrix, (n_mat, n_per_row), where n_mat is the number of
+    experts of a 3-D tensor (each expert is quantized with its own, as llama-quantize does) or 1.
     """
-    items = list(tensors)
-    for name, shape, _ in items:
-        qt = qtype_of(name, shape)
-        writer.add_tensor_info(name, shape, np.dtype(np.float32), tensor_nbytes(shape, qt), raw_dtype=qt)
+    if qtype == QT.F32:
+        return np.ascontiguousarray(w, dtype=np.float32)
+    if importance is None:
+        return quantize(w.reshape(-1, w.shape[-1]), qtype)
+    mats = w.reshape(importance.shape[0], -1, w.shape[-1])
+    return np.concatenate([quantize(m, qtype, imp) for m, imp in zip(mats, importance)])
+
+
+def write_tensors(writer: gguf.GGUFWriter, tensors: Sequence[TensorOut], desc: str = "",
+                  progress: bool = False) -> None:
+    """Write the tensor infos and then the data, one tensor at a time in the order given (each
+    produced by its thunk only when written), then close the writer."""
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, t.qtype),
+                               raw_dtype=t.qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for name, shape, load in items:
-        writer.write_tensor_data(_encode(load(), qtype_of(name, shape)))
+    for t in tqdm(tensors, desc=desc, disable=not progress, unit="tensor"):
+        writer.write_tensor_data(t.data())
     writer.close()
 
 
@@ -75,9 +109,6 @@ def write_dequantized_copy(src: str | Path, dst: str | Path, dtype: QT | str = Q
     if qt not in _FILE_TYPE:
         raise ValueError(f"dtype must be F32, F16 or BF16, got {qt.name}")
     header = GGUFHeader(src)
-    arch = header.get("general.architecture")
-    if arch is None:
-        raise ModelError(f"{header.path.name}: no general.architecture in the metadata")
     decode = dequantize or _kernels_dequantize
 
     def load(name: str) -> np.ndarray:
@@ -85,14 +116,13 @@ def write_dequantized_copy(src: str | Path, dst: str | Path, dtype: QT | str = Q
         return decode(header.data(name), info.qtype, info.shape[-1]).reshape(info.shape)
 
     dst = Path(dst)
-    writer = gguf.GGUFWriter(dst, arch)
-    if "general.alignment" in header.fields:
-        writer.data_alignment = header.alignment
-        writer.add_uint32("general.alignment", header.alignment)
-    copy_metadata(header, writer, keep=lambda k: k != "general.file_type")
+    writer = metadata_writer(dst, header, keep=lambda k: k != "general.file_type")
     writer.add_file_type(int(_FILE_TYPE[qt]))
-    write_tensors(writer, ((n, t.shape, lambda n=n: load(n)) for n, t in header.tensors.items()),
-                  lambda name, shape: _float_type(qt, shape))
+    out = []
+    for n, t in header.tensors.items():
+        tq = _float_type(qt, t.shape)
+        out.append(TensorOut(n, t.shape, tq, lambda n=n, tq=tq: encode(load(n), tq)))
+    write_tensors(writer, out)
     return dst
 
 
@@ -110,6 +140,6 @@ def write_model(dst: str | Path, arch: str, metadata: GGUFHeader | None,
         if vtype == gguf.GGUFValueType.ARRAY:
             value, sub = value  # (values, element type)
         writer.add_key_value(key, value, vtype, sub_type=sub)
-    write_tensors(writer, ((n, tuple(a.shape), lambda a=a: a) for n, a in tensors.items()),
-                  lambda name, shape: QT.F32)
+    write_tensors(writer, [TensorOut(n, tuple(a.shape), QT.F32, lambda a=a: encode(a, QT.F32))
+                           for n, a in tensors.items()])
     return dst
