@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path
+from ..errors import DynsearchError
 
 GGUF_MAGIC = b"GGUF"
 KEY_TYPE = "general.type"
@@ -42,7 +43,7 @@ SUFFIX_SUM2 = ".in_sum2"
 SUFFIX_COUNTS = ".counts"
 
 
-class ImatrixFormatError(ValueError):
+class ImatrixFormatError(DynsearchError, ValueError):
     """A file is not a readable imatrix (message says why)."""
 
 
@@ -126,20 +127,23 @@ def read_imatrix(path: str | os.PathLike[str]) -> ImatrixData:
 
 
 def _read_gguf(path: Path) -> ImatrixData:
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
 
-    reader = GGUFReader(path)
-    fields = reader.fields
-    if KEY_TYPE in fields and fields[KEY_TYPE].contents() != "imatrix":
-        raise ImatrixFormatError(f"{path}: general.type is {fields[KEY_TYPE].contents()!r}, not 'imatrix'")
+    from .gguf_header import GGUFHeader
+
+    header = GGUFHeader(path)  # validated as llama.cpp does; a malformed file is a GGUFError
+    kind = header.get(KEY_TYPE)
+    if kind is not None and kind != "imatrix":
+        raise ImatrixFormatError(f"{path}: general.type is {kind!r}, not 'imatrix'")
     parts: dict[str, dict[str, np.ndarray]] = {}
-    for t in reader.tensors:
+    for t in header.tensors.values():
         for suffix in (SUFFIX_SUM2, SUFFIX_COUNTS):
             if t.name.endswith(suffix):
-                if t.tensor_type != GGMLQuantizationType.F32:
-                    raise ImatrixFormatError(f"{path}: {t.name} is {t.tensor_type.name}, must be F32")
-                n_mat = int(t.shape[1]) if len(t.shape) > 1 else 1
-                parts.setdefault(t.name[: -len(suffix)], {})[suffix] = np.array(t.data, np.float32).reshape(n_mat, -1)
+                if t.qtype != GGMLQuantizationType.F32:
+                    raise ImatrixFormatError(f"{path}: {t.name} is {t.qtype.name}, must be F32")
+                n_mat = t.shape[-2] if len(t.shape) > 1 else 1  # ne[1]
+                data = np.frombuffer(header.data(t.name), np.float32).copy()
+                parts.setdefault(t.name[: -len(suffix)], {})[suffix] = data.reshape(n_mat, -1)
     if not parts:
         raise ImatrixFormatError(f"{path}: no imatrix entries")
     entries = {}
@@ -148,14 +152,19 @@ def _read_gguf(path: Path) -> ImatrixData:
         if len(p) != 2:
             raise ImatrixFormatError(f"{path}: mismatched sums and counts for {name}")
         counts = np.round(p[SUFFIX_COUNTS].reshape(-1)).astype(np.int64)  # std::lround in the loader
+        if p[SUFFIX_SUM2].size % counts.size:
+            raise ImatrixFormatError(f"{path}: {name} has {p[SUFFIX_SUM2].size} sums for {counts.size} counts")
         entries[name] = ImatrixEntry(p[SUFFIX_SUM2].reshape(counts.size, -1), counts)
 
-    def value(key: str, default):
-        return fields[key].contents() if key in fields else default
+    def integer(key: str) -> int:
+        v = header.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ImatrixFormatError(f"{path}: {key} is {v!r}, not an integer")
+        return v
 
-    datasets = value(KEY_DATASETS, [])
-    return ImatrixData(entries, [str(d) for d in datasets], int(value(KEY_CHUNK_COUNT, 0)),
-                       int(value(KEY_CHUNK_SIZE, 0)))
+    datasets = header.get(KEY_DATASETS, [])
+    return ImatrixData(entries, [str(d) for d in (datasets if isinstance(datasets, list) else [datasets])],
+                       integer(KEY_CHUNK_COUNT), integer(KEY_CHUNK_SIZE))
 
 
 def _read_legacy(path: Path) -> ImatrixData:

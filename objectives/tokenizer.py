@@ -115,16 +115,12 @@ def pre_tokenizer_for(pre: str | None) -> PreTokenizer:
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """The ``general.*`` and ``tokenizer.*`` key/values of a GGUF file, as plain Python values.
 
-    The one place the GGUF is read for the tokenizer (gguf-py's reader for now).
+    The one place the GGUF is read for the tokenizer, through the validating header reader.
     """
-    from gguf import GGUFReader
+    from .gguf_header import GGUFHeader
 
-    reader = GGUFReader(str(path))
-    out: dict[str, Any] = {}
-    for key, fld in reader.fields.items():
-        if key.startswith(("tokenizer.", "general.")):
-            out[key] = fld.contents()
-    return out
+    header = GGUFHeader(path)
+    return {key: f.value for key, f in header.fields.items() if key.startswith(("tokenizer.", "general."))}
 
 
 @dataclass(frozen=True, eq=False)
