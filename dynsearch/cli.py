@@ -75,6 +75,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .objectives.compare import run_eval
+
+    cands = [Path(c) for c in ([args.candidate] if args.candidate else []) + args.compare]
+    print(run_eval(cands, Path(args.ref), text=Path(args.text) if args.text else None, n_tokens=args.tokens,
+                   seq_len=args.seq_len, mc_items=args.mc, device=args.device,
+                   json_out=Path(args.json) if args.json else None, progress=not args.quiet))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynsearch", description="Search-based dynamic GGUF quantization.")
     p.add_argument("--version", action="version", version=f"dynsearch {__version__}")
@@ -120,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--imatrix", help="imatrix file for the command line")
     s.add_argument("--gguf", help="output GGUF named in the command line (default: RECIPE_NAME.gguf)")
     s.set_defaults(func=_cmd_export)
+    s = sub.add_parser("eval", help="KL statistics of GGUF files vs a reference (llama-perplexity --kl-divergence)")
+    s.add_argument("candidate", nargs="?", help="candidate .gguf (or use --compare)")
+    s.add_argument("--ref", required=True, help="reference .gguf (e.g. the F32/F16/BF16 model)")
+    s.add_argument("--compare", nargs="+", default=[], metavar="GGUF", help="several candidates side by side")
+    s.add_argument("--text", help="evaluation text, .txt or .jsonl (default: the shipped held-out set)")
+    s.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default: %(default)s)")
+    s.add_argument("--seq-len", type=int, default=512, help="chunk length, second half scored (default: %(default)s)")
+    s.add_argument("--mc", type=int, default=100, metavar="N",
+                   help="multiple-choice items for answer flips, 0 for none (default: %(default)s)")
+    s.add_argument("--json", help="also write the results to this JSON file")
+    s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_cmd_eval)
     s = sub.add_parser("bench-kernels", help="kernel throughput vs ggml and gguf-py",
                        add_help=False)
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
