@@ -87,6 +87,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mmlu(args: argparse.Namespace) -> int:
+    import json
+
+    from .atomic import atomic_write_text
+    from .objectives.mmlu import run_file
+
+    r = run_file(args.model, args.mmlu, args.subjects, args.limit, args.shots, args.device, not args.quiet)
+    print(r.table())
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"model": args.model, **r.to_dict()}, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynsearch", description="Search-based dynamic GGUF quantization.")
     p.add_argument("--version", action="version", version=f"dynsearch {__version__}")
@@ -145,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_eval)
+    s = sub.add_parser("mmlu", help="MMLU 5-shot accuracy of a GGUF (hendrycks/test prompt format)")
+    s.add_argument("model", help="a .gguf file")
+    s.add_argument("--mmlu", help="folder with dev/ and test/ CSVs as hendrycks/test publishes them "
+                                  "(default: the shipped copy)")
+    s.add_argument("--subjects", nargs="+", help="subjects to run (default: all)")
+    s.add_argument("--limit", type=int, help="first N test questions of each subject")
+    s.add_argument("--shots", type=int, default=5, help="dev-set examples in each prompt (default: %(default)s)")
+    s.add_argument("--json", help="also write the results to this JSON file")
+    s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_cmd_mmlu)
     s = sub.add_parser("bench-kernels", help="kernel throughput vs ggml and gguf-py",
                        add_help=False)
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
