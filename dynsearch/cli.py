@@ -100,6 +100,14 @@ def _cmd_mmlu(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .recipes.publish import publish
+
+    r = publish(args.recipe, name=args.name, root=args.root, force=args.force)
+    print(f"published {r.path}" if r.changed else f"{r.path}: already published, unchanged")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynsearch", description="Search-based dynamic GGUF quantization.")
     p.add_argument("--version", action="version", version=f"dynsearch {__version__}")
@@ -169,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_mmlu)
+    s = sub.add_parser("publish", help="validate a recipe and add it to recipes/<model>/ with the README index")
+    s.add_argument("recipe", help="recipe YAML")
+    s.add_argument("--name", help="publish under this name (default: the recipe's own)")
+    s.add_argument("--root", default="recipes", help="collection folder (default: %(default)s)")
+    s.add_argument("--force", action="store_true", help="replace a different recipe of the same name")
+    s.set_defaults(func=_cmd_publish)
     s = sub.add_parser("bench-kernels", help="kernel throughput vs ggml and gguf-py",
                        add_help=False)
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
