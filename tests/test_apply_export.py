@@ -15,7 +15,7 @@ from gguf import GGUFValueType as VT
 
 from dynsearch.cli import main
 from dynsearch.errors import DynsearchError, ModelError, RecipeError
-from dynsearch.kernels import quantize
+from dynsearch.kernels import effective_type, quantize
 from dynsearch.objectives.gguf_write import write_model
 from dynsearch.objectives.imatrix import ImatrixData, ImatrixEntry, write_imatrix
 from dynsearch.recipes import llama_quant, schema
@@ -40,6 +40,8 @@ def _tiny_tensors(seed: int = 0) -> dict[str, np.ndarray]:
         t[p + "ffn_norm.weight"] = np.ones(D, np.float32)
     for n in ODD:
         t[n] = rng.standard_normal((8, D)).astype(np.float32)
+    for i in range(4):  # more rows of 320 for the fallback test
+        t[f"blk.1.wide{i}.weight"] = rng.standard_normal((4, FF)).astype(np.float32)
     return t
 
 
@@ -145,13 +147,13 @@ def test_command_line(tiny, imatrix, tmp_path):
     ex = export_llama_quantize(r, tmp_path / "t.txt", model=tiny, output=tmp_path / "o.gguf", imatrix=imatrix)
     assert ex.command == ["llama-quantize", "--imatrix", str(imatrix), "--tensor-type-file",
                           str(tmp_path / "t.txt"), str(tiny), str(tmp_path / "o.gguf"),
-                          "Q4_K_M"]  # F32 source: no --allow-requantize
+                          "Q8_0"]  # F32 source: no --allow-requantize
     quantized = apply_recipe(r, tiny, tmp_path / "q.gguf", importance=ImatrixFile.read(imatrix), progress=False)
     again = _recipe(**{**MIX, "blk__0__attn_q__weight": "Q5_K"})
     assert "--allow-requantize" in export_llama_quantize(again, "t.txt", model=quantized, imatrix=imatrix).command
     ex = export_llama_quantize(r, "t.txt", imatrix="im.gguf")  # no model: placeholders, flag kept
     assert ex.command_line() == ("llama-quantize --allow-requantize --imatrix im.gguf --tensor-type-file "
-                                 "t.txt MODEL.gguf tiny-mix.gguf Q4_K_M")
+                                 "t.txt MODEL.gguf tiny-mix.gguf Q8_0")
 
 
 def test_export_checks_the_model(tiny, tmp_path):
@@ -181,8 +183,8 @@ def test_apply_writes_recipe_types_metadata_and_order(tiny, imatrix, tmp_path):
     assert keys[-7:] == ["general.quantization_version", "general.file_type", "quantize.imatrix.file",
                          "quantize.imatrix.dataset", "quantize.imatrix.entries_count",
                          "quantize.imatrix.chunks_count", RECIPE_KEY]
-    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M  # token_embd first of 2
-    assert fields["quantize.imatrix.file"] == str(imatrix) and fields["quantize.imatrix.entries_count"] == 16
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0  # 5 tensors, the most
+    assert fields["quantize.imatrix.file"] == str(imatrix) and fields["quantize.imatrix.entries_count"] == 20
     assert schema.loads(fields[RECIPE_KEY]) == r
     assert all(t.data_offset % 32 == 0 for t in reader.tensors)
     assert not list(tmp_path.glob(".*.tmp"))
@@ -292,6 +294,24 @@ def test_same_file_as_llama_quantize(tiny, imatrix, llama_quantize, tmp_path):
     assert ka == kb and all(a.fields[k].contents() == b.fields[k].contents() for k in ka)
     data_a, data_b = a.tensors[0].data_offset, b.tensors[0].data_offset
     assert Path(ours).read_bytes()[data_a:] == (tmp_path / "theirs.gguf").read_bytes()[data_b:]
+
+
+def test_llama_quantize_fallback_is_effective_type(tiny, llama_quantize, tmp_path):
+    """Asked for 256-wide types on rows of 320, llama-quantize writes what effective_type says (the
+    types a recipe holds), byte for byte as apply writes them."""
+    wish = {"blk.0.ffn_down.weight": "Q4_K", "blk.1.ffn_down.weight": "Q5_K", "blk.1.wide0.weight": "Q2_K",
+            "blk.1.wide1.weight": "Q3_K", "blk.1.wide2.weight": "Q6_K", "blk.1.wide3.weight": "IQ4_XS"}
+    r = _recipe(**{n.replace(".", "__"): effective_type(t, FF).name for n, t in wish.items()})
+    assert {r.tensors[n] for n in wish} == {"Q5_0", "Q5_1", "Q4_0", "Q8_0", "IQ4_NL"}
+    ours = apply_recipe(r, tiny, tmp_path / "ours.gguf", progress=False)
+    asked = schema.Recipe(r.name, r.model, {**r.tensors, **wish})
+    (tmp_path / "wish.txt").write_text(tensor_type_file(asked))
+    cmd = [llama_quantize, "--tensor-type-file", str(tmp_path / "wish.txt"), str(tiny),
+           str(tmp_path / "theirs.gguf"), llama_quant.file_type(r.tensors).arg]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "6 of" in p.stdout + p.stderr  # "WARNING: 6 of N tensor(s) required fallback quantization"
+    assert _tensors(ours) == _tensors(tmp_path / "theirs.gguf")
 
 
 def test_plain_patterns_would_hit_the_wrong_tensor():
