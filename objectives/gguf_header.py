@@ -45,7 +45,7 @@ MAX_ARRAY_ELEMENTS = 1 << 30  # GGUF_MAX_ARRAY_ELEMENTS
 MAX_NAME_BYTES = 63  # GGML_MAX_NAME - 1: a tensor name is a C string of 64 bytes with its NUL
 MAX_DIMS = 4  # GGML_MAX_DIMS
 INT64_MAX = (1 << 63) - 1
-_MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a one-byte key, value type, a one-byte value
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value
 _MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
 
 _U32, _I32, _U64, _I64 = (struct.Struct(f) for f in ("<I", "<i", "<Q", "<q"))
@@ -57,6 +57,7 @@ _FORMATS = {  # struct format of each scalar value type (BOOL: one byte, nonzero
     GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
 _SCALARS = {t: struct.Struct(f) for t, f in _FORMATS.items()}
+_GGML_TYPES = {int(qt): (qt, *GGML_QUANT_SIZES[qt]) for qt in GGMLQuantizationType if qt in GGML_QUANT_SIZES}
 _DTYPES = {t: np.dtype(f) for t, f in _FORMATS.items()}
 
 
@@ -83,12 +84,25 @@ def _show(s: str) -> str:
     return repr(s if len(s) <= 60 else s[:57] + "...")
 
 
+def _describe(what: str | tuple) -> str:
+    """Where in the file a read failed: a label, or (label, key or index[, detail]) formatted
+    only when an error needs it (the happy path reads 10**5 keys and must not pay for it)."""
+    if isinstance(what, str):
+        return what
+    label, name, *detail = what
+    return f"{label} {f'#{name}' if isinstance(name, int) else _show(name)}{''.join(detail)}"
+
+
 def _pad(n: int, align: int) -> int:
     return -(-n // align) * align
 
 
+_NESTED = "arrays of arrays are not supported (nesting depth is capped at 1)"
+
+
 class _Cursor:
-    """Bounds-checked reads from the mapped file; every failure is a GGUFError naming the file."""
+    """Bounds-checked reads from the mapped file; every failure is a GGUFError naming the file
+    and what was being read (``what``: see :func:`_describe`)."""
 
     def __init__(self, buf: mmap.mmap, path: Path):
         self.buf, self.pos, self.end, self.path = buf, 0, len(buf), path
@@ -96,28 +110,37 @@ class _Cursor:
     def error(self, problem: str) -> GGUFError:
         return GGUFError(f"{self.path}: {problem}")
 
-    def take(self, st: struct.Struct, what: str) -> Any:
-        if self.pos + st.size > self.end:
-            raise self.error(f"truncated: the file ends in {what} (byte {self.pos} of {self.end})")
-        (v,) = st.unpack_from(self.buf, self.pos)
+    def truncated(self, what: str | tuple) -> GGUFError:
+        return self.error(f"truncated: the file ends in {_describe(what)} (byte {self.pos} of {self.end})")
+
+    # The reads below are called 10**5-10**6 times for a large vocabulary: unpack_from does the
+    # bounds check (struct.error when the file ends), messages are built only on failure.
+
+    def take(self, st: struct.Struct, what: str | tuple) -> Any:
+        try:
+            (v,) = st.unpack_from(self.buf, self.pos)
+        except struct.error:
+            raise self.truncated(what) from None
         self.pos += st.size
         return v
 
-    def raw_string(self, what: str) -> bytes:
-        n = self.take(_U64, what)
-        if n > MAX_STRING_BYTES:
-            raise self.error(f"{what}: string length {n} exceeds the limit of {MAX_STRING_BYTES} bytes")
-        if n > self.end - self.pos:
-            raise self.error(f"{what}: string length {n} runs past the end of the file "
-                             f"({self.end - self.pos} bytes left)")
-        s = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return s
+    def raw_string(self, what: str | tuple) -> bytes:
+        try:
+            (n,) = _U64.unpack_from(self.buf, self.pos)
+        except struct.error:
+            raise self.truncated(what) from None
+        start = self.pos + 8
+        if n > MAX_STRING_BYTES or n > self.end - start:
+            limit = (f"exceeds the limit of {MAX_STRING_BYTES} bytes" if n > MAX_STRING_BYTES else
+                     f"runs past the end of the file ({self.end - start} bytes left)")
+            raise self.error(f"{_describe(what)}: string length {n} {limit}")
+        self.pos = start + n
+        return self.buf[start:start + n]
 
-    def string(self, what: str) -> str:
-        return self.raw_string(what).decode("utf-8", errors="replace")
+    def string(self, what: str | tuple) -> str:
+        return self.raw_string(what).decode("utf-8", "replace")
 
-    def strings(self, n: int, what: str) -> list[str]:
+    def strings(self, n: int, what: str | tuple) -> list[str]:
         """``n`` strings in a row: :meth:`string` inlined (a vocabulary holds 10**5 of them)."""
         buf, pos, end, unpack, cap = self.buf, self.pos, self.end, _U64.unpack_from, MAX_STRING_BYTES
         out = [""] * n
@@ -131,30 +154,33 @@ class _Cursor:
         self.pos = pos
         return out
 
-    def vtype(self, what: str) -> GGUFValueType:
+    def vtype(self, what: str | tuple) -> GGUFValueType:
         raw = self.take(_U32, what)
         try:
             return _VTYPES[raw]
         except KeyError:
-            raise self.error(f"{what} has unknown value type {raw}") from None
+            raise self.error(f"{_describe(what)} has unknown value type {raw}") from None
 
-    def value(self, vtype: GGUFValueType, what: str) -> Any:
+    def value(self, vtype: GGUFValueType, what: str | tuple) -> Any:
         if vtype == GGUFValueType.STRING:
-            return self.string(what)
-        if vtype == GGUFValueType.ARRAY:  # only reachable as an array's element type
-            raise self.error(f"{what}: arrays of arrays are not supported (nesting depth is capped at 1)")
-        v = self.take(_SCALARS[vtype], what)
+            return self.raw_string(what).decode("utf-8", "replace")
+        st = _SCALARS[vtype]
+        try:
+            (v,) = st.unpack_from(self.buf, self.pos)
+        except struct.error:
+            raise self.truncated(what) from None
+        self.pos += st.size
         return v != 0 if vtype == GGUFValueType.BOOL else v
 
-    def array(self, sub: GGUFValueType, n: int, what: str) -> list:
+    def array(self, sub: GGUFValueType, n: int, what: str | tuple) -> list:
         if sub == GGUFValueType.ARRAY:
-            raise self.error(f"{what}: arrays of arrays are not supported (nesting depth is capped at 1)")
+            raise self.error(f"{_describe(what)}: {_NESTED}")
         if n > MAX_ARRAY_ELEMENTS:
-            raise self.error(f"{what}: array of {n} elements exceeds the limit of {MAX_ARRAY_ELEMENTS}")
+            raise self.error(f"{_describe(what)}: array of {n} elements exceeds the limit of {MAX_ARRAY_ELEMENTS}")
         itemsize = 8 if sub == GGUFValueType.STRING else _DTYPES[sub].itemsize  # strings: the length
         if n * itemsize > self.end - self.pos:
-            raise self.error(f"{what}: array of {n} {sub.name} elements runs past the end of the file "
-                             f"({self.end - self.pos} bytes left)")
+            raise self.error(f"{_describe(what)}: array of {n} {sub.name} elements runs past the end "
+                             f"of the file ({self.end - self.pos} bytes left)")
         if sub == GGUFValueType.STRING:
             return self.strings(n, what)
         a = np.frombuffer(self.buf, dtype=_DTYPES[sub], count=n, offset=self.pos)
@@ -209,16 +235,17 @@ class GGUFHeader:
     def _read_fields(self, cur: _Cursor, n_kv: int) -> dict[str, Field]:
         fields: dict[str, Field] = {}
         for i in range(n_kv):
-            key = cur.string(f"key #{i}")
+            key = cur.raw_string(("key", i)).decode("utf-8", "replace")
             if not key:
                 raise cur.error(f"key #{i} is empty")
             if key in fields:
                 raise cur.error(f"duplicate key {_show(key)}")
-            what = f"metadata {_show(key)}"
+            what = ("metadata", key)
             vtype = cur.vtype(what)
             if vtype == GGUFValueType.ARRAY:
-                sub = cur.vtype(f"{what} (array element)")
-                fields[key] = Field(cur.array(sub, cur.take(_U64, f"{what} (array length)"), what), vtype, sub)
+                sub = cur.vtype(("metadata", key, " (array element)"))
+                n = cur.take(_U64, ("metadata", key, " (array length)"))
+                fields[key] = Field(cur.array(sub, n, what), vtype, sub)
             else:
                 fields[key] = Field(cur.value(vtype, what), vtype)
         return fields
@@ -237,34 +264,33 @@ class GGUFHeader:
         infos: list[tuple] = []
         seen: set[str] = set()
         for i in range(n_tensors):
-            raw = cur.raw_string(f"tensor #{i} name")
-            name = raw.decode("utf-8", errors="replace")
+            raw = cur.raw_string(("tensor", i, " name"))
+            name = raw.decode("utf-8", "replace")
             if len(raw) > MAX_NAME_BYTES:
                 raise cur.error(f"tensor #{i} name {_show(name)} is {len(raw)} bytes (at most {MAX_NAME_BYTES})")
             if name in seen:
                 raise cur.error(f"duplicate tensor name {_show(name)}")
             seen.add(name)
-            what = f"tensor {_show(name)}"
-            n_dims = cur.take(_U32, f"{what} (dimension count)")
+            n_dims = cur.take(_U32, ("tensor", name, " (dimension count)"))
             if not 1 <= n_dims <= MAX_DIMS:
-                raise cur.error(f"{what} has {n_dims} dimensions (1 to {MAX_DIMS} supported)")
-            ne = [cur.take(_I64, f"{what} (dimensions)") for _ in range(n_dims)]
+                raise cur.error(f"tensor {_show(name)} has {n_dims} dimensions (1 to {MAX_DIMS} supported)")
+            ne = [cur.take(_I64, ("tensor", name, " (dimensions)")) for _ in range(n_dims)]
             n = 1
             for d in ne:
                 if d <= 0:
-                    raise cur.error(f"{what} has a dimension of {d} (must be positive)")
+                    raise cur.error(f"tensor {_show(name)} has a dimension of {d} (must be positive)")
                 n *= d
             if n > INT64_MAX:
-                raise cur.error(f"{what} shape {tuple(ne)} has more than 2**63-1 elements")
-            raw_type = cur.take(_I32, f"{what} (type)")
+                raise cur.error(f"tensor {_show(name)} shape {tuple(ne)} has more than 2**63-1 elements")
+            raw_type = cur.take(_I32, ("tensor", name, " (type)"))
             try:
-                qt = GGMLQuantizationType(raw_type)
-                block, size = GGML_QUANT_SIZES[qt]
-            except (ValueError, KeyError):
-                raise cur.error(f"{what} has unknown GGML type {raw_type}") from None
+                qt, block, size = _GGML_TYPES[raw_type]
+            except KeyError:
+                raise cur.error(f"tensor {_show(name)} has unknown GGML type {raw_type}") from None
             if ne[0] % block:
-                raise cur.error(f"{what} rows of {ne[0]} are not a multiple of {qt.name}'s block size {block}")
-            offset = cur.take(_U64, f"{what} (data offset)")
+                raise cur.error(f"tensor {_show(name)} rows of {ne[0]} are not a multiple of "
+                                f"{qt.name}'s block size {block}")
+            offset = cur.take(_U64, ("tensor", name, " (data offset)"))
             infos.append((name, tuple(reversed(ne)), qt, offset, n // block * size))
         return infos
 
