@@ -4,6 +4,7 @@ this file only maps arguments to those entry points."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -39,6 +40,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     search_tokens=args.search_tokens, fisher_tokens=args.fisher_tokens,
                     trials=args.trials, timeout=args.timeout, seed=args.seed, sampler=args.sampler,
                     storage=args.storage, study_name=args.study_name, workers=args.workers,
+                    search_workers=args.search_workers,
                     out=args.out, device=args.device, write_gguf=not args.no_gguf)
     print_summary(cfg, run(cfg, progress=not args.quiet))
     return 0
@@ -108,6 +110,28 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from .search.storage import redact
+    from .search.worker import STORAGE_ENV, join
+
+    url = args.storage or os.environ.get(STORAGE_ENV)
+    if not url:
+        raise DynsearchError(f"worker: give --storage URL (or set {STORAGE_ENV})")
+    r = join(url, args.study_name, max_trials=args.trials, timeout=args.timeout,
+             progress=not args.quiet)
+    print(f"worker: ran {r.ran} trials on {r.study_name!r} in {redact(url)}; "
+          f"{r.complete} complete of {r.requested} requested")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .search.status import format_table, storage_status
+    from .search.storage import open_storage
+
+    print(format_table(storage_status(open_storage(args.storage), args.study_name)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynsearch", description="Search-based dynamic GGUF quantization.")
     p.add_argument("--version", action="version", version=f"dynsearch {__version__}")
@@ -133,11 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="Optuna storage URL (default: SQLite in the run folder)")
     s.add_argument("--study-name")
     s.add_argument("--workers", type=int, default=1, help="threads for profiling")
+    s.add_argument("--search-workers", type=_positive_int, default=1, metavar="N",
+                   help="processes scoring trials of each study together, this one included "
+                        "(each loads the model; see also `dynsearch worker`)")
     s.add_argument("--out", default="runs", help="output folder (default: %(default)s)")
     s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     s.add_argument("--no-gguf", action="store_true", help="write the recipe only")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_run)
+    s = sub.add_parser("worker", help="join a study made by `dynsearch run` and score its trials")
+    s.add_argument("--storage", help="the study's storage URL: sqlite:///..., postgresql://..., "
+                                     "journal:///shared/study.log (default: $DYNSEARCH_STORAGE)")
+    s.add_argument("--study-name", required=True)
+    s.add_argument("--trials", type=_positive_int, help="at most this many trials from this process "
+                                                        "(default: until the study has its count)")
+    s.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_cmd_worker)
+    s = sub.add_parser("status", help="progress and best so far of the studies in a storage")
+    s.add_argument("--storage", required=True, help="storage URL (sqlite:///..., postgresql://..., "
+                                                    "journal:///...)")
+    s.add_argument("--study-name", help="one study (default: all)")
+    s.set_defaults(func=_cmd_status)
     s = sub.add_parser("apply", help="write a recipe's GGUF from a source GGUF (our kernels)")
     s.add_argument("recipe", help="recipe YAML")
     s.add_argument("model", help="source .gguf (F32/F16/BF16, or quantized: dequantized first)")
@@ -188,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_bench_kernels)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,10 +24,12 @@ from ..atomic import atomic_open, atomic_write_text
 from ..errors import DynsearchError
 from ..kernels import effective_type, parse_qtype, tensor_nbytes
 from ..recipes import schema
-from .budget import check_reachable, parse_budget
+from . import worker
+from .budget import Budget, check_reachable, parse_budget
 from .profile import GGUF_ALIGNMENT, ProfileCache, TensorStats, padded, profile_tensor
 from .space import SearchSpace, layer_groups
-from .study import SearchSettings, best_result, open_study, run_study
+from .storage import open_storage
+from .study import SearchSettings, best_result, open_study
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class RunConfig:
     storage: str | None = None  # Optuna storage URL; None: SQLite in the run folder
     study_name: str | None = None
     workers: int = 1  # threads for profiling
+    search_workers: int = 1  # processes searching each budget's study together (this one included)
     out: str = "runs"
     device: str = "cpu"
     write_gguf: bool = True
@@ -236,9 +239,72 @@ def header_overhead(source) -> int:
 
 
 def run(cfg: RunConfig, progress: bool = True) -> RunResult:
+    """Prepare, then for every budget: search (resuming its study) and write recipe + GGUF."""
+    prep = prepare(cfg, progress)
+    result = RunResult()
+    for i in range(len(prep.budgets)):
+        study = open_budget_study(prep, i)
+        helpers = worker.spawn(prep.storage_url(), study.study_name, cfg.search_workers - 1,
+                               prep.run_dir, cfg.timeout)
+        try:
+            worker.work(study, prep.space, prep.settings(i), prep.kl_of, progress=progress)
+        finally:
+            worker.wait_all(helpers, prep.run_dir)
+        finish_budget(prep, i, study, result, progress)
+    result.report_path = atomic_write_text(prep.run_dir / "report.json",
+                                           json.dumps(result.rows, indent=2, default=str))
+    return result
+
+
+@dataclass
+class Prepared:
+    """Everything a trial needs, rebuilt from a :class:`RunConfig` (and the shared cache) alone,
+    so that any process -- ``dynsearch run`` or a ``dynsearch worker`` -- can score trials."""
+
+    cfg: RunConfig
+    model_path: Path
+    source: object  # objectives.model source (GGUF or Hugging Face folder)
+    model_key: str
+    run_dir: Path
+    names: list[str]  # every tensor, model order
+    fixed: dict[str, str]  # tensor -> type for the tensors not searched (1-D, --keep)
+    budgets: list[Budget]
+    tensor_budgets: list[int]  # bytes of searched tensor data per budget
+    calib_desc: dict
+    search_tokens: np.ndarray  # (n_seq, seq_len) true KL during the search
+    eval_tokens: np.ndarray  # (n_seq, seq_len) held-out tokens for the final measurement
+    importance: dict  # tensor -> imatrix importance vector (or None)
+    space: SearchSpace
+    forward: object  # BlockwiseForward
+    _evaluator: object = None  # KLEvaluator on the search tokens, built on first use
+
+    def settings(self, i: int) -> SearchSettings:
+        c = self.cfg
+        return SearchSettings(budget=self.tensor_budgets[i], n_trials=c.trials, timeout=c.timeout,
+                              seed=c.seed, sampler=c.sampler)
+
+    def study_name(self, i: int) -> str:
+        name = self.cfg.study_name or f"{self.model_path.stem}-{self.budgets[i].spec}"
+        return name if len(self.budgets) == 1 else f"{name}-{self.budgets[i].spec}"
+
+    def storage_url(self) -> str:
+        return self.cfg.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
+
+    def kl_of(self, choice: np.ndarray) -> float:
+        """True KL of a candidate on the search tokens."""
+        from .evaluate import KLEvaluator, QuantizedWeights
+
+        if self._evaluator is None:
+            self._evaluator = KLEvaluator(self.forward, self.search_tokens)
+        return self._evaluator.mean_kl(QuantizedWeights(self.source, self.space.assignment(choice),
+                                                        self.importance.get))
+
+
+def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
+    """Model, tokens, statistics, profiled search space: everything before the search. Every
+    costly part is read from the cache when present, so a second process prepares quickly."""
     from ..objectives.forward import BlockwiseForward
     from ..objectives.model import open_model
-    from .evaluate import KLEvaluator, QuantizedWeights
     from .models import resolve_model
 
     budgets = [parse_budget(b) for b in cfg.budgets]  # errors before any work
@@ -293,60 +359,103 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     space = build_space(source, searched, tuple(cfg.types), stats, cache, cfg.workers, progress)
 
     importance = {n: st.importance for n, st in stats.items()}
-    evaluator = KLEvaluator(forward, search_t)
-    held_out = KLEvaluator(forward, eval_t)
+    return Prepared(cfg=cfg, model_path=model_path, source=source, model_key=model_key,
+                    run_dir=run_dir, names=names_all, fixed=fixed, budgets=budgets,
+                    tensor_budgets=tensor_budgets, calib_desc=calib_desc, search_tokens=search_t,
+                    eval_tokens=eval_t, importance=importance, space=space, forward=forward)
 
-    def kl_of(choice: np.ndarray) -> float:
-        assign = {**space.assignment(choice)}
-        return evaluator.mean_kl(QuantizedWeights(source, assign, importance.get))
 
-    result = RunResult()
-    storage = cfg.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
-    for budget, tensor_budget in zip(budgets, tensor_budgets):
-        settings = SearchSettings(budget=tensor_budget, n_trials=cfg.trials, timeout=cfg.timeout,
-                                  seed=cfg.seed, sampler=cfg.sampler)
-        name = cfg.study_name or f"{model_path.stem}-{budget.spec}"
-        study = open_study(storage, name if len(budgets) == 1 else f"{name}-{budget.spec}", space, settings)
-        run_study(study, space, settings, kl_of, show_progress=progress)
-        best = best_result(study)
-        assignment = {**fixed, **space.assignment(best.choice)}
-        assignment = {n: assignment[n] for n in names_all}  # model order
-        ho = held_out.stats(QuantizedWeights(source, assignment, importance.get))
-        tensor_bytes = sum(padded(tensor_nbytes(source.shape(n), t)) for n, t in assignment.items())
-        n_params = int(sum(int(np.prod(source.shape(n))) for n in names_all))
-        recipe = schema.Recipe(
-            name=f"{_slug(model_path.stem)}-{_slug(budget.spec)}",
-            model=schema.ModelInfo(str(source.metadata("general.name", model_path.stem) if hasattr(source, "metadata") else model_path.stem),
-                                   source.config.arch, model_key, n_params),
-            tensors=assignment,
-            budget={"spec": budget.spec, "bytes": budget.file_bytes, "bpw": budget.bpw},
-            achieved={"tensor_bytes": tensor_bytes, "bytes_estimate": tensor_bytes + header_overhead(source),
-                      "bpw": round(8.0 * tensor_bytes / n_params, 4)},
-            calibration=calib_desc,
-            kl={k: float(v) for k, v in ho.to_dict().items() if isinstance(v, (int, float))},
-            search={"trials": best.n_complete + best.n_pruned + best.n_failed, "complete": best.n_complete,
-                    "pruned": best.n_pruned, "failed": best.n_failed, "sampler": cfg.sampler,
-                    "seed": cfg.seed, "types": list(space.types), "search_tokens": int(search_t.size),
-                    "proxy": space.proxy_of(best.choice), "search_kl": best.value,
-                    "knapsack_seed_kl": best.seed_value, "study": study.study_name},
-            created=_dt.date.today().isoformat(), dynsearch_version=__version__)
-        rpath = schema.save(recipe, run_dir / f"{recipe.name}.yaml")
-        result.recipe_paths.append(rpath)
-        gpath = None
-        if cfg.write_gguf:
-            from ..recipes.apply import apply_recipe
-            gpath = apply_recipe(recipe, model_path, run_dir / f"{recipe.name}.gguf",
-                                 importance=importance, progress=progress)
-            result.gguf_paths.append(gpath)
-        result.rows.append({"budget": budget.spec, "tensor_bytes": tensor_bytes,
-                            "file_bytes": gpath.stat().st_size if gpath else None,
-                            "bpw": recipe.achieved["bpw"], "proxy": space.proxy_of(best.choice),
-                            "search_kl": best.value, "seed_kl": best.seed_value,
-                            "heldout_mean_kl": ho.to_dict()["kld_mean"],
-                            "heldout": ho.to_dict(), "types": recipe.types_histogram(),
-                            "recipe": str(rpath), "gguf": str(gpath) if gpath else None})
-    result.report_path = atomic_write_text(run_dir / "report.json", json.dumps(result.rows, indent=2, default=str))
-    return result
+# ---------------------------------------------------------------------------------------------
+# The study of one budget, and what a worker process needs to join it
+
+RUN_CONFIG_ATTR = "run_config"  # study user attr: the RunConfig (JSON) a worker rebuilds from
+BUDGET_INDEX_ATTR = "budget_index"  # study user attr: which of the config's budgets it searches
+N_TRIALS_ATTR = "n_trials"  # study user attr: the trial count last requested (all workers)
+
+
+def config_to_json(cfg: RunConfig) -> str:
+    """The RunConfig as a worker elsewhere needs it: paths absolute, the storage URL left out (a
+    worker is given its own, and credentials never go into the study)."""
+    from .models import DEMO_ALIAS, HUB_ALIASES
+
+    def absolute(p: str | None) -> str | None:
+        return None if p is None else str(Path(p).expanduser().resolve())
+
+    model = cfg.model if cfg.model in (DEMO_ALIAS, *HUB_ALIASES) or not Path(cfg.model).exists() \
+        else absolute(cfg.model)
+    d = asdict(cfg)
+    d.update(model=model, calib=absolute(cfg.calib), out=absolute(cfg.out),
+             cache=absolute(cfg.cache or str(Path(cfg.out) / "cache")), storage=None,
+             search_workers=1)
+    return json.dumps(d, sort_keys=True)
+
+
+def config_from_json(text: str) -> RunConfig:
+    try:
+        d = json.loads(text)
+        tuples = {f for f in ("budgets", "types", "keep")}
+        return RunConfig(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
+    except (TypeError, ValueError) as e:
+        raise DynsearchError(f"the study's stored run configuration is unreadable ({e}); "
+                             "was it made by another dynsearch version?") from None
+
+
+def open_budget_study(prep: Prepared, i: int):
+    """Create or resume the study of budget ``i`` and store what a worker needs to join it (the
+    run configuration, which budget, the trial count requested)."""
+    study = open_study(open_storage(prep.storage_url()), prep.study_name(i), prep.space, prep.settings(i))
+    study.set_user_attr(RUN_CONFIG_ATTR, config_to_json(prep.cfg))
+    study.set_user_attr(BUDGET_INDEX_ATTR, i)
+    study.set_user_attr(N_TRIALS_ATTR, int(prep.cfg.trials))
+    return study
+
+
+def finish_budget(prep: Prepared, i: int, study, result: RunResult, progress: bool = True) -> None:
+    """Measure the study's best on held-out tokens; write its recipe (and GGUF); add a report row."""
+    from .evaluate import KLEvaluator, QuantizedWeights
+
+    cfg, source, space, budget = prep.cfg, prep.source, prep.space, prep.budgets[i]
+    model_path, run_dir, names_all = prep.model_path, prep.run_dir, prep.names
+    importance = prep.importance
+    search_t = prep.search_tokens
+    held_out = KLEvaluator(prep.forward, prep.eval_tokens)
+    best = best_result(study)
+    assignment = {**prep.fixed, **space.assignment(best.choice)}
+    assignment = {n: assignment[n] for n in names_all}  # model order
+    ho = held_out.stats(QuantizedWeights(source, assignment, importance.get))
+    tensor_bytes = sum(padded(tensor_nbytes(source.shape(n), t)) for n, t in assignment.items())
+    n_params = int(sum(int(np.prod(source.shape(n))) for n in names_all))
+    recipe = schema.Recipe(
+        name=f"{_slug(model_path.stem)}-{_slug(budget.spec)}",
+        model=schema.ModelInfo(str(source.metadata("general.name", model_path.stem) if hasattr(source, "metadata") else model_path.stem),
+                               source.config.arch, prep.model_key, n_params),
+        tensors=assignment,
+        budget={"spec": budget.spec, "bytes": budget.file_bytes, "bpw": budget.bpw},
+        achieved={"tensor_bytes": tensor_bytes, "bytes_estimate": tensor_bytes + header_overhead(source),
+                  "bpw": round(8.0 * tensor_bytes / n_params, 4)},
+        calibration=prep.calib_desc,
+        kl={k: float(v) for k, v in ho.to_dict().items() if isinstance(v, (int, float))},
+        search={"trials": best.n_complete + best.n_pruned + best.n_failed, "complete": best.n_complete,
+                "pruned": best.n_pruned, "failed": best.n_failed, "sampler": cfg.sampler,
+                "seed": cfg.seed, "types": list(space.types), "search_tokens": int(search_t.size),
+                "proxy": space.proxy_of(best.choice), "search_kl": best.value,
+                "knapsack_seed_kl": best.seed_value, "study": study.study_name},
+        created=_dt.date.today().isoformat(), dynsearch_version=__version__)
+    rpath = schema.save(recipe, run_dir / f"{recipe.name}.yaml")
+    result.recipe_paths.append(rpath)
+    gpath = None
+    if cfg.write_gguf:
+        from ..recipes.apply import apply_recipe
+        gpath = apply_recipe(recipe, model_path, run_dir / f"{recipe.name}.gguf",
+                             importance=importance, progress=progress)
+        result.gguf_paths.append(gpath)
+    result.rows.append({"budget": budget.spec, "tensor_bytes": tensor_bytes,
+                        "file_bytes": gpath.stat().st_size if gpath else None,
+                        "bpw": recipe.achieved["bpw"], "proxy": space.proxy_of(best.choice),
+                        "search_kl": best.value, "seed_kl": best.seed_value,
+                        "heldout_mean_kl": ho.to_dict()["kld_mean"],
+                        "heldout": ho.to_dict(), "types": recipe.types_histogram(),
+                        "recipe": str(rpath), "gguf": str(gpath) if gpath else None})
 
 
 def _slug(s: str) -> str:
