@@ -9,6 +9,7 @@ through ``safetensors.safe_open`` (never ``torch.load``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -17,11 +18,12 @@ from typing import Any
 
 import gguf
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from dynsearch.kernels import QT
 
 from .architectures import ArchSpec, architecture_for_hf, swa_layers_from_pattern
+from ..errors import DynsearchError
 from .errors import ModelError
 from .model import ModelConfig, missing_tensor
 
@@ -48,28 +50,36 @@ class SafetensorsSource:
         cfg_file = self.path / "config.json"
         if not cfg_file.is_file():
             raise ModelError(f"{self.path}: no config.json")
-        hparams = json.loads(cfg_file.read_text())
-        if "text_config" in hparams:  # multimodal: the text model's parameters win, as in the converter
-            hparams = {**hparams, **hparams["text_config"]}
-        self.spec = architecture_for_hf(hparams.get("architectures") or [])
+        hparams = _read_json(cfg_file)
+        with _config_errors(cfg_file):
+            if "text_config" in hparams:  # multimodal: the text model's parameters win, as in the converter
+                hparams = {**hparams, **hparams["text_config"]}
+            self.spec = architecture_for_hf(hparams.get("architectures") or [])
+            n_layer = int(hparams["num_hidden_layers"])
         self.hparams = hparams
-        self._entries = self._index(gguf.get_tensor_name_map(_model_arch(self.spec.name), hparams["num_hidden_layers"]))
+        self._entries = self._index(gguf.get_tensor_name_map(_model_arch(self.spec.name), n_layer))
         if "token_embd.weight" not in self._entries:
             raise missing_tensor(self.path.name, "token_embd.weight")
-        self._rope_freqs = _llama3_rope_factors(hparams)
-        self.config = config_from_hf(self.spec, hparams, self._entries["token_embd.weight"].shape[0])
+        with _config_errors(cfg_file):
+            self._rope_freqs = _llama3_rope_factors(hparams)
+            self.config = config_from_hf(self.spec, hparams, self._entries["token_embd.weight"].shape[0])
 
     def _files(self) -> dict[str, Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelError(f"{index}: no weight_map object")
+            for name, f in weight_map.items():
+                if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
+                    raise ModelError(f"{index}: weight_map entry {name!r} is {f!r}, not a file in the folder")
             return {name: self.path / f for name, f in weight_map.items()}
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise ModelError(f"{self.path}: no *.safetensors files")
         out = {}
         for f in files:
-            with safe_open(f, framework="pt") as st:
+            with _open(f) as st:
                 out.update({name: f for name in st.keys()})
         return out
 
@@ -81,7 +91,7 @@ class SafetensorsSource:
         for f, names in by_file.items():
             if not f.is_file():
                 raise ModelError(f"{f}: no such file (listed in model.safetensors.index.json)")
-            with safe_open(f, framework="pt") as st:
+            with _open(f) as st:
                 for hf_name in names:
                     if hf_name.startswith(_SKIP):
                         continue
@@ -119,7 +129,7 @@ class SafetensorsSource:
         if name == "rope_freqs.weight" and self._rope_freqs is not None:
             return self._rope_freqs.copy()
         e = self._entry(name)
-        with safe_open(e.file, framework="pt") as st:
+        with _open(e.file) as st:
             w = st.get_tensor(e.hf_name).float().numpy()
         return self._convert(name, np.ascontiguousarray(w, dtype=np.float32))
 
@@ -134,6 +144,43 @@ class SafetensorsSource:
         if self.spec.hf_norm_shift and name.endswith("norm.weight"):
             w = w + np.float32(self.spec.hf_norm_shift)
         return w
+
+
+@contextlib.contextmanager
+def _open(f: Path):
+    """``safe_open`` (the safetensors library: a JSON header and raw bytes, nothing that can run
+    code); a malformed or unreadable file is a one-line ModelError."""
+    try:
+        with safe_open(f, framework="pt") as st:
+            yield st
+    except SafetensorError as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"{f}: not a valid safetensors file ({why})") from None
+    except OSError as e:
+        raise ModelError(f"{f}: cannot read ({e.strerror or e})") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: not readable JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+@contextlib.contextmanager
+def _config_errors(cfg_file: Path):
+    """A config.json that lacks a key or holds a value of the wrong type: one ModelError line."""
+    try:
+        yield
+    except DynsearchError:
+        raise
+    except KeyError as e:
+        raise ModelError(f"{cfg_file}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        raise ModelError(f"{cfg_file}: unusable value ({type(e).__name__}: {e})") from None
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
