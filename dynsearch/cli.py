@@ -30,20 +30,33 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
     return bench.main(args.bench_args)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .search.pipeline import DEFAULT_TYPES, RunConfig, run
-    from .search.report import print_summary
+def _run_config(args: argparse.Namespace):
+    """The RunConfig of ``run`` / ``proxy-check`` arguments (options a command lacks: defaults)."""
+    from .search.pipeline import DEFAULT_TYPES, RunConfig
 
     types = tuple(t.strip() for t in args.types.split(",")) if args.types else DEFAULT_TYPES
-    cfg = RunConfig(model=args.model, budgets=tuple(args.budget), types=types, keep=tuple(args.keep),
-                    calib=args.calib, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
-                    search_tokens=args.search_tokens, fisher_tokens=args.fisher_tokens,
-                    trials=args.trials, timeout=args.timeout, seed=args.seed, sampler=args.sampler,
-                    storage=args.storage, study_name=args.study_name, workers=args.workers,
-                    search_workers=args.search_workers,
-                    out=args.out, device=args.device, write_gguf=not args.no_gguf)
+    extra = {k: getattr(args, k) for k in ("trials", "timeout", "sampler", "storage", "study_name",
+                                           "search_workers") if hasattr(args, k)}
+    return RunConfig(model=args.model, budgets=tuple(args.budget), types=types, keep=tuple(args.keep),
+                     calib=args.calib, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
+                     search_tokens=args.search_tokens, fisher_tokens=args.fisher_tokens,
+                     seed=args.seed, workers=args.workers, out=args.out, device=args.device,
+                     write_gguf=not getattr(args, "no_gguf", False), **extra)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .search.pipeline import run
+    from .search.report import print_summary
+
+    cfg = _run_config(args)
     print_summary(cfg, run(cfg, progress=not args.quiet))
     return 0
+
+
+def _cmd_proxy_check(args: argparse.Namespace) -> int:
+    from .search.proxy_check import main
+
+    return main(_run_config(args), n=args.n, min_spearman=args.min_spearman, progress=not args.quiet)
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
@@ -132,17 +145,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dynsearch", description="Search-based dynamic GGUF quantization.")
-    p.add_argument("--version", action="version", version=f"dynsearch {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("types", help="list the GGUF types dynsearch reads and writes")
-    s.set_defaults(func=_cmd_types)
-    s = sub.add_parser("run", help="search per-tensor types for a model under a disk budget")
+def _model_options(s: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that profile a model (run, proxy-check)."""
     s.add_argument("model", help="a .gguf file, a Hugging Face folder, or an alias (smollm2-135m, llama4, ...)")
     s.add_argument("--budget", action="append", required=True,
                    help="file size (100MB, 16GB, 15GiB) or bits per weight (4.5bpw); repeat for a family")
-    s.add_argument("--types", default="", help="comma-separated candidate types (default: %(default)s)")
+    s.add_argument("--types", default="",
+                   help="comma-separated candidate types (default: the k-quants, IQ4_XS, IQ4_NL, Q4_0, "
+                        "Q5_0, Q5_1, Q8_0; Q4_1 only when named)")
     s.add_argument("--keep", action="append", default=[], metavar="PATTERN=TYPE",
                    help="hold matching tensors at a type, e.g. 'token_embd=Q8_0' (repeatable)")
     s.add_argument("--calib", help="calibration file (.txt, or .jsonl of chat messages / text)")
@@ -150,21 +160,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fisher-tokens", type=int, default=4_096)
     s.add_argument("--search-tokens", type=int, default=2_048)
     s.add_argument("--eval-tokens", type=int, default=8_192)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=1, help="threads for profiling")
+    s.add_argument("--out", default="runs", help="output folder (default: %(default)s)")
+    s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynsearch", description="Search-based dynamic GGUF quantization.")
+    p.add_argument("--version", action="version", version=f"dynsearch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("types", help="list the GGUF types dynsearch reads and writes")
+    s.set_defaults(func=_cmd_types)
+    s = sub.add_parser("run", help="search per-tensor types for a model under a disk budget")
+    _model_options(s)
     s.add_argument("--trials", type=int, default=24, help="Optuna trials per budget (all workers)")
     s.add_argument("--timeout", type=float, help="seconds of search per budget for this process")
-    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--sampler", default="tpe", choices=["tpe", "cmaes", "gp", "random"])
     s.add_argument("--storage", help="Optuna storage URL (default: SQLite in the run folder)")
     s.add_argument("--study-name")
-    s.add_argument("--workers", type=int, default=1, help="threads for profiling")
     s.add_argument("--search-workers", type=_positive_int, default=1, metavar="N",
                    help="processes scoring trials of each study together, this one included "
                         "(each loads the model; see also `dynsearch worker`)")
-    s.add_argument("--out", default="runs", help="output folder (default: %(default)s)")
-    s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     s.add_argument("--no-gguf", action="store_true", help="write the recipe only")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_run)
+    s = sub.add_parser("proxy-check", help="rank correlation of the proxy with true KL over random "
+                                           "feasible assignments")
+    _model_options(s)
+    s.add_argument("--n", type=_positive_int, default=30, help="random assignments (default: %(default)s)")
+    s.add_argument("--min-spearman", type=float, default=None,
+                   help="exit with status 1 when the Spearman correlation is below this")
+    s.set_defaults(func=_cmd_proxy_check)
     s = sub.add_parser("worker", help="join a study made by `dynsearch run` and score its trials")
     s.add_argument("--storage", help="the study's storage URL: sqlite:///..., postgresql://..., "
                                      "journal:///shared/study.log (default: $DYNSEARCH_STORAGE)")
