@@ -109,6 +109,54 @@ def parse_keep(items: tuple[str, ...]) -> list[tuple[re.Pattern, str]]:
     return out
 
 
+def parse_types(types: tuple[str, ...]) -> tuple[str, ...]:
+    """Candidate types as canonical names: known, written by our kernels, each listed once."""
+    from ..kernels import quantizable_types
+
+    if not types:
+        raise DynsearchError("--types: no candidate types given")
+    writable, out = set(quantizable_types()), []
+    for t in types:
+        try:
+            qt = parse_qtype(t)
+        except ValueError:
+            raise DynsearchError(f"--types: {t!r} is not a GGUF type (`dynsearch types` lists them)") from None
+        if qt not in writable:
+            raise DynsearchError(f"--types: dynsearch cannot write {qt.name} yet (`dynsearch types` lists them)")
+        if qt.name in out:
+            raise DynsearchError(f"--types: {qt.name} is listed twice")
+        out.append(qt.name)
+    return tuple(out)
+
+
+_POSITIVE = ("calib_tokens", "fisher_tokens", "search_tokens", "eval_tokens", "seq_len", "trials",
+             "workers", "search_workers")
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Every user input of a run checked before any work, each failure one clear line: budgets,
+    --keep, --types, counts, the calibration file, the output folder, and the storage (opened
+    now, so that a bad or unreachable URL fails at once; its messages never show a password)."""
+    if not cfg.budgets:
+        raise DynsearchError("no --budget given (e.g. --budget 100MB or --budget 4.5bpw)")
+    for b in cfg.budgets:
+        parse_budget(b)
+    parse_keep(cfg.keep)
+    parse_types(cfg.types)
+    for name in _POSITIVE:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DynsearchError(f"--{name.replace('_', '-')} must be a positive whole number, got {v!r}")
+    if cfg.timeout is not None and not cfg.timeout > 0:
+        raise DynsearchError(f"--timeout must be a positive number of seconds, got {cfg.timeout!r}")
+    if cfg.calib is not None and not Path(cfg.calib).is_file():
+        raise DynsearchError(f"--calib {cfg.calib}: no such file")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise DynsearchError(f"--out {cfg.out}: exists and is not a folder")
+    if cfg.storage is not None:
+        open_storage(cfg.storage)
+
+
 # ---------------------------------------------------------------------------------------------
 # Phase 1: statistics (activations, imatrix, Fisher), cached as one .npz per run key
 
@@ -307,7 +355,8 @@ def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
     from ..objectives.model import open_model
     from .models import resolve_model
 
-    budgets = [parse_budget(b) for b in cfg.budgets]  # errors before any work
+    check_config(cfg)  # errors before any work
+    budgets = [parse_budget(b) for b in cfg.budgets]
     keep = parse_keep(cfg.keep)
     model_path = resolve_model(cfg.model)
     source = open_model(model_path)

@@ -109,9 +109,13 @@ def _open(url: str, settings: StorageSettings) -> optuna.storages.BaseStorage:
     engine_kwargs: dict = {"pool_pre_ping": True}
     if scheme.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 120}}  # wait for other workers' writes
-        db = url.split(":///", 1)[-1]
+        db = url.split(":///", 1)[-1].split("?", 1)[0]
         if db and db != ":memory:":
-            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StorageError(f"storage {redact(url)!r}: cannot create its folder "
+                                   f"({e.strerror or type(e).__name__})") from None
     try:
         return _RDB(url, engine_kwargs=engine_kwargs, heartbeat_interval=settings.heartbeat_interval,
                     grace_period=settings.grace_period, **{_RDB_CALLBACK_ARG: retry})

@@ -1,0 +1,109 @@
+"""What users type: every bad ``dynsearch run`` input is one clear error line (exit status 2) before
+any work, and a password in a storage URL never reaches the output or the logs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from dynsearch import cli
+from dynsearch.search import pipeline
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def never_runs(monkeypatch):
+    """Fail the test if a bad input got past the checks into the costly part of the run."""
+    def boom(*a, **k):
+        raise AssertionError("the run started despite a bad input")
+    monkeypatch.setattr(pipeline, "open_model", boom, raising=False)
+    monkeypatch.setattr("dynsearch.objectives.model.open_model", boom)
+
+
+def _run(capsys, *argv) -> str:
+    rc = cli.main(["run", *argv])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", (rc, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dynsearch: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--budget", "100XB"], "invalid budget '100XB': unknown unit"),
+    (["--budget=-5MB"], "invalid budget '-5MB'"),
+    (["--budget", "0MB"], "must be positive"),
+    (["--budget", "0.1bpw"], "bits per weight must lie in"),
+    (["--budget", "lots"], "invalid budget 'lots'"),
+    (["--budget", "1e400MB"], "invalid budget"),
+    (["--budget", "100MB", "--keep", "token_embd"], "expected PATTERN=TYPE"),
+    (["--budget", "100MB", "--keep", "([=Q8_0"], "bad pattern"),
+    (["--budget", "100MB", "--keep", "token_embd=Q9_9"], "unknown GGUF type 'Q9_9'"),
+    (["--budget", "100MB", "--types", "Q4_K,Q9"], "--types: 'Q9' is not a GGUF type"),
+    (["--budget", "100MB", "--types", "Q4_K,IQ1_S"], "cannot write IQ1_S yet"),
+    (["--budget", "100MB", "--types", "Q4_K,q4_k"], "Q4_K is listed twice"),
+    (["--budget", "100MB", "--types", ","], "--types: '' is not a GGUF type"),
+    (["--budget", "100MB", "--trials", "0"], "--trials must be a positive whole number, got 0"),
+    (["--budget", "100MB", "--calib-tokens", "-1"], "--calib-tokens must be a positive"),
+    (["--budget", "100MB", "--workers", "0"], "--workers must be a positive"),
+    (["--budget", "100MB", "--timeout", "-3"], "--timeout must be a positive number"),
+    (["--budget", "100MB", "--timeout", "nan"], "--timeout must be a positive number"),
+    (["--budget", "100MB", "--calib", "/no/such/calib.jsonl"], "--calib /no/such/calib.jsonl: no such file"),
+    (["--budget", "100MB", "--storage", "nonsense"], "not a URL"),
+    (["--budget", "100MB", "--storage", "journal://"], "journal:// needs a file path"),
+])
+def test_bad_run_arguments(capsys, never_runs, argv, message):
+    line = _run(capsys, "smollm2-135m", *argv)
+    assert message in line
+
+
+def test_bad_out_folder(capsys, never_runs, tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert "--out" in _run(capsys, "smollm2-135m", "--budget", "100MB", "--out", str(tmp_path / "file"))
+
+
+def test_bad_model_paths(capsys, tmp_path):
+    assert "no such file or folder, and not a known alias" in _run(capsys, str(tmp_path / "absent.gguf"), "--budget", "1GB")
+    assert "not a known alias" in _run(capsys, "no-such-alias", "--budget", "1GB")
+    (tmp_path / "folder").mkdir()
+    assert "needs config.json" in _run(capsys, str(tmp_path / "folder"), "--budget", "1GB")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\xff" * 40)
+    line = _run(capsys, str(tmp_path / "junk.gguf"), "--budget", "1GB", "--out", str(tmp_path / "runs"))
+    assert "junk.gguf" in line
+
+
+SECRET = "s3cr3t-Pa55"
+URLS = [f"postgresql://dyn:{SECRET}@127.0.0.1:1/study",
+        f"postgresql+psycopg://dyn:{SECRET}@127.0.0.1:1/study?sslmode=disable",
+        f"mysql://root:{SECRET}@127.0.0.1:1/study",
+        f"postgresql://127.0.0.1:1/study?user=dyn&password={SECRET}",
+        f"sqlite:///{'/proc/no/such/dir'}/study.db?password={SECRET}",
+        f"nosuchdialect://dyn:{SECRET}@host/db"]
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_storage_credentials_never_printed_or_logged(capsys, caplog, never_runs, url):
+    caplog.set_level(logging.DEBUG)
+    line = _run(capsys, "smollm2-135m", "--budget", "100MB", "--storage", url)
+    assert "storage" in line and "***" in line
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert SECRET not in line and SECRET not in logged
+
+
+def test_redact_is_what_hides_the_password():
+    """The control for the test above: the URLs do carry the secret until redacted."""
+    from dynsearch.search.storage import redact
+
+    for url in URLS:
+        assert SECRET in url and SECRET not in redact(url)
+    assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def test_valid_config_passes_the_checks(tmp_path):
+    pipeline.check_config(pipeline.RunConfig(model="x", budgets=("100MB", "4.5bpw"), keep=("token_embd=Q8_0",),
+                                             types=("Q4_K", "iq4_xs"), out=str(tmp_path / "runs"),
+                                             storage=f"sqlite:///{tmp_path / 'study.db'}"))
+    assert Path(tmp_path / "study.db").exists()  # the storage was opened before any work
