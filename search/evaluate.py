@@ -9,6 +9,8 @@ memory stays near one block.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Iterator
 
@@ -19,28 +21,72 @@ from ..kernels import dequantize, quantize
 from ..objectives.kl import KLAccumulator, mean_kl
 
 
+class QuantCache:
+    """Quantized bytes of (tensor, type) pairs, least recently used dropped past ``max_bytes``.
+
+    Trials of a search share most of their (tensor, type) pairs; keeping the compact quantized
+    form (not the float weights) lets each true-KL evaluation skip re-quantizing them, for about
+    the size of the quantized model per type in memory at most.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[str, str], make) -> np.ndarray:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return hit
+            self.misses += 1
+        value = make()
+        if value.nbytes <= self.max_bytes:
+            with self._lock:
+                if key not in self._items:
+                    self._items[key] = value
+                    self._bytes += value.nbytes
+                while self._bytes > self.max_bytes:
+                    _, old = self._items.popitem(last=False)
+                    self._bytes -= old.nbytes
+        return value
+
+
 class QuantizedWeights(Mapping):
     """``name -> dequantize(quantize(W, type))`` for the tensors of an assignment, on demand.
 
     ``importance`` gives the imatrix vector per tensor name (or None), as the written file uses,
-    so the weights scored are exactly those the GGUF will hold.
+    so the weights scored are exactly those the GGUF will hold. ``cache`` (a :class:`QuantCache`)
+    keeps quantized bytes between assignments.
     """
 
-    def __init__(self, source, assignment: Mapping[str, str], importance=None):
+    def __init__(self, source, assignment: Mapping[str, str], importance=None,
+                 cache: QuantCache | None = None):
         self.source = source
         self.assignment = dict(assignment)
         self.importance = importance or (lambda name: None)
+        self.cache = cache
+
+    def _quantized(self, name: str, qtype: str) -> np.ndarray:
+        w = self.source.load(name)
+        return quantize(w.reshape(-1, w.shape[-1]), qtype, self.importance(name))
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.assignment:
             raise KeyError(name)
         qtype = self.assignment[name]
-        w = self.source.load(name)
+        shape = self.source.shape(name)
         if qtype == "F32":
-            return w
-        rows = w.reshape(-1, w.shape[-1])
-        q = quantize(rows, qtype, self.importance(name))
-        return dequantize(q, qtype, rows.shape[1]).reshape(w.shape)
+            return self.source.load(name)
+        if self.cache is None:
+            q = self._quantized(name, qtype)
+        else:
+            q = self.cache.get((name, qtype), lambda: self._quantized(name, qtype))
+        return dequantize(q, qtype, shape[-1]).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.assignment)

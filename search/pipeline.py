@@ -325,6 +325,7 @@ class Prepared:
     space: SearchSpace
     forward: object  # BlockwiseForward
     _evaluator: object = None  # KLEvaluator on the search tokens, built on first use
+    _quant_cache: object = None  # QuantCache shared by the trials of this process
 
     def settings(self, i: int) -> SearchSettings:
         c = self.cfg
@@ -340,12 +341,13 @@ class Prepared:
 
     def kl_of(self, choice: np.ndarray) -> float:
         """True KL of a candidate on the search tokens."""
-        from .evaluate import KLEvaluator, QuantizedWeights
+        from .evaluate import KLEvaluator, QuantCache, QuantizedWeights
 
         if self._evaluator is None:
             self._evaluator = KLEvaluator(self.forward, self.search_tokens)
+            self._quant_cache = QuantCache()
         return self._evaluator.mean_kl(QuantizedWeights(self.source, self.space.assignment(choice),
-                                                        self.importance.get))
+                                                        self.importance.get, self._quant_cache))
 
 
 def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
