@@ -105,6 +105,9 @@ class _StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (list, dict, set)):
+                raise RecipeError(f"a key must be a plain value, not a {type(key).__name__} "
+                                  f"(line {key_node.start_mark.line + 1})")
             if key in seen:
                 raise RecipeError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
             seen.add(key)
@@ -208,8 +211,13 @@ def loads(text: str) -> Recipe:
     try:
         _check_events(text)
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecipeError:
+        raise
     except yaml.YAMLError as e:
         raise RecipeError(f"not valid YAML: {str(e).splitlines()[0]}") from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as e:  # PyYAML's constructors
+        # on malformed values (a date like 2026-13-45, a broken !!timestamp): one line, no traceback
+        raise RecipeError(f"not valid YAML: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     return from_dict(data)
 
 
