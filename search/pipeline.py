@@ -200,14 +200,14 @@ def collect_statistics(forward, calib_tokens: np.ndarray, fisher_tokens: np.ndar
     out: dict[str, TensorStats] = {}
     for name in stats.names:
         n = float(stats.count(name).sum())
-        out[name] = TensorStats(xtx=(stats.second_moment(name) / n).float(),
+        out[name] = TensorStats(xtx=(stats.second_moment(name) / n).float().cpu(),
                                 fisher_out=sens.fisher_out.get(name),
                                 importance=imat.importance(name))
     head_name = "output.weight" if forward._has_output else "token_embd.weight"
     scale2 = float(cfg.n_embd) if spec.embed_scale else 1.0
     emb = TensorStats(row_weight=sens.token_counts / sens.token_counts.sum(),
                       fisher_col=sens.fisher_embed * scale2)
-    head_stats = TensorStats(xtx=(head.xtx / head.n).float(), fisher_out=sens.fisher_out[head_name])
+    head_stats = TensorStats(xtx=(head.xtx / head.n).float().cpu(), fisher_out=sens.fisher_out[head_name])
     if head_name == "token_embd.weight":  # tied: one table, both uses
         emb.xtx, emb.fisher_out = head_stats.xtx, head_stats.fisher_out
     else:
