@@ -1,10 +1,18 @@
 """Atomic file writes: a temporary file in the destination folder, fsynced, then renamed over the
-destination. An interrupted writer leaves the previous file (or none), never a partial one."""
+destination. An interrupted writer leaves the previous file (or none), never a partial one.
+
+Temporary files are named ``.<name>.<host>-<pid>.<random>.tmp``: hidden, with a suffix no output
+has, so they cannot be mistaken for outputs. A writer killed with SIGKILL cannot remove its own;
+the next write of the same file removes those of writers on this machine whose process is gone.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -19,7 +27,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    remove_stale_temps(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(dest)}{os.getpid()}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -42,6 +51,46 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     with atomic_path(path) as tmp:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
+
+
+@functools.cache
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _temp_prefix(dest: Path) -> str:
+    return f".{dest.name}.{_host()}-"
+
+
+_TEMP_REST = re.compile(r"^(\d+)\.[A-Za-z0-9_]+\.tmp$")  # <pid>.<mkstemp's random part>.tmp
+
+
+def remove_stale_temps(dest: str | Path) -> list[Path]:
+    """Remove the temporary files of ``dest`` whose writer ran on this machine and is gone (a
+    SIGKILL or a power cut skips the cleanup); a live writer's file is left alone."""
+    dest = Path(dest)
+    prefix, removed = _temp_prefix(dest), []
+    try:
+        entries = os.listdir(dest.parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_REST.match(entry[len(prefix):]) if entry.startswith(prefix) else None
+        if m and not _alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(dest.parent / entry)
+                removed.append(dest.parent / entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, or no way to tell: keep its file
+        return True
+    return True
 
 
 def _umask_mode() -> int:
