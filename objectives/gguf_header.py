@@ -213,7 +213,7 @@ class GGUFHeader:
     def _parse(self, cur: _Cursor) -> None:
         cur.pos = 4
         self.version = cur.take(_U32, "the version")
-        if self.version & 0xFFFF == 0:
+        if self.version and self.version & 0xFFFF == 0:
             raise cur.error(f"GGUF version {self.version:#x} looks byte-swapped (big-endian files are not supported)")
         if self.version not in (2, 3):
             raise cur.error(f"GGUF version {self.version} is not supported (2 or 3)")

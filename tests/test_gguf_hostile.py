@@ -323,7 +323,7 @@ MALFORMED = [
     ("empty", b"", "bad magic b''", True),
     ("short", b"GGU", "bad magic", True),
     ("magic", b"GGML" + bytes(20), "bad magic b'GGML'", True),
-    ("version-0", _hdr(0), "version 0x0 looks byte-swapped", True),
+    ("version-0", _hdr(0), "version 0 is not supported", True),
     ("version-1", _hdr(1), "version 1 is not supported", True),
     ("version-4", _hdr(4), "version 4 is not supported", True),
     ("big-endian", b"GGUF" + struct.pack(">Iqq", 3, 0, 0), "byte-swapped", True),
@@ -509,6 +509,7 @@ def _gguf_py_wrapped(path: Path):
         raise GGUFError(f"{path}: {type(e).__name__}") from None
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # gguf-py's own offset overflows
 def test_control_gguf_py_fails_the_property(tmp_path, llama_cpp):
     """The same check flags an unvalidated reader: gguf-py (even with its exceptions wrapped)
     loads files llama.cpp rejects, and raw gguf-py raises unrelated exceptions."""
