@@ -85,7 +85,7 @@ class ImatrixData:
 
         ``in_sum2 / count`` per expert (float32 division, as in quantize.cpp), ones where the count
         is zero; flat (n_mat * n_cols,), the layout llama-quantize indexes per expert. Raises
-        ValueError on non-finite values, which llama-quantize refuses as well.
+        ImatrixFormatError (a ValueError) on non-finite values, which llama-quantize refuses as well.
         """
         e = self.entries[name]
         count = e.counts.astype(np.float32)[:, None]
@@ -93,7 +93,7 @@ class ImatrixData:
             w = np.where(count > 0, e.in_sum2 / np.where(count > 0, count, np.float32(1)), np.float32(1))
         w = w.astype(np.float32).reshape(-1)
         if not np.all(np.isfinite(w)):
-            raise ValueError(f"imatrix entry {name} has non-finite values")
+            raise ImatrixFormatError(f"imatrix entry {name} has non-finite values")
         return w
 
     def merge(self, other: ImatrixData) -> ImatrixData:
@@ -186,14 +186,16 @@ def _read_legacy(path: Path) -> ImatrixData:
     entries = {}
     for _ in range(n_entries):
         (length,) = take("<i")
-        name = take(f"<{length}s")[0].decode("utf-8")
+        if length < 0:
+            raise ImatrixFormatError(f"{path}: entry name of length {length} at byte {pos - 4}")
+        name = take(f"<{length}s")[0].decode("utf-8", "replace")
         ncall, nval = take("<ii")
         if nval < 1:
-            raise ImatrixFormatError(f"{path}: entry {name} has {nval} values")
+            raise ImatrixFormatError(f"{path}: entry {name!r} has {nval} values")
+        if pos + 4 * nval > len(buf):
+            raise ImatrixFormatError(f"{path}: truncated legacy imatrix in {name!r}")
         sums = np.frombuffer(buf, "<f4", nval, pos).astype(np.float32)
         pos += 4 * nval
-        if pos > len(buf):
-            raise ImatrixFormatError(f"{path}: truncated legacy imatrix in {name}")
         # quantize.cpp divides by ncall, or takes the values as they are when ncall <= 0
         entries[name] = ImatrixEntry(sums, [ncall if ncall > 0 else 1])
     chunk_count, datasets = 0, []
