@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,13 +60,26 @@ class GGUFSource:
         return self._dequantize(self.raw(name), self.qtype(name), shape[-1]).reshape(shape)
 
 
-def _per_layer(value: Any, n_layer: int, key: str) -> int:
+def _number(value: Any, what: str, kind: type, minimum: float | None = None) -> Any:
+    """A metadata value as ``kind`` (int or float), or a ModelError naming the file and key
+    (``what``): a file may hold any type under any key."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        x = kind(value)
+        if x == value and (minimum is None or x >= minimum):
+            return x
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise ModelError(f"{what} = {shown} is not a valid "
+                     f"{'count' if kind is int else 'number'}"
+                     f"{f' (at least {minimum})' if minimum is not None else ''}")
+
+
+def _per_layer(value: Any, n_layer: int, what: str, minimum: int = 0) -> int:
     """A hyper-parameter llama.cpp accepts as one number or one per layer (get_key_or_arr)."""
     if isinstance(value, list):
         if len(set(value)) != 1:
-            raise ModelError(f"per-layer {key} {value} is not supported yet")
-        return int(value[0])
-    return int(value)
+            raise ModelError(f"{what} = {value[:8]}: per-layer values are not supported yet")
+        value = value[0]
+    return _number(value, what, int, minimum)
 
 
 def config_from_gguf(header: GGUFHeader, n_vocab: int) -> ModelConfig:
@@ -81,24 +95,33 @@ def config_from_gguf(header: GGUFHeader, n_vocab: int) -> ModelConfig:
             raise ModelError(f"{header.path.name}: missing GGUF metadata key '{arch}.{k}'")
         return v
 
-    n_layer = int(key("block_count", required=True))
-    n_embd = int(key("embedding_length", required=True))
-    n_head = _per_layer(key("attention.head_count", required=True), n_layer, "head_count")
-    n_head_kv = _per_layer(key("attention.head_count_kv", n_head), n_layer, "head_count_kv")
-    head_dim = int(key("attention.key_length", n_embd // n_head))
+    def what(k: str) -> str:
+        return f"{header.path.name}: GGUF metadata {arch}.{k}"
+
+    def count(k: str, default: Any = None, required: bool = False, minimum: int = 0) -> int:
+        return _number(key(k, default, required), what(k), int, minimum)
+
+    def real(k: str, default: Any = None, required: bool = False) -> float:
+        return _number(key(k, default, required), what(k), float)
+
+    n_layer = count("block_count", required=True, minimum=1)
+    n_embd = count("embedding_length", required=True, minimum=1)
+    n_head = _per_layer(key("attention.head_count", required=True), n_layer, what("attention.head_count"), 1)
+    n_head_kv = _per_layer(key("attention.head_count_kv", n_head), n_layer, what("attention.head_count_kv"), 1)
+    head_dim = count("attention.key_length", n_embd // n_head, minimum=1)
     scaling = key("rope.scaling.type", "linear")
     if scaling not in ("linear", "none"):
         raise ModelError(f"{header.path.name}: rope scaling {scaling!r} is not supported yet")
-    factor = float(key("rope.scaling.factor", 0.0) or key("rope.scale_linear", 0.0))
+    factor = real("rope.scaling.factor", 0.0) or real("rope.scale_linear", 0.0)
 
-    sliding_window = int(key("attention.sliding_window", 0))
+    sliding_window = count("attention.sliding_window", 0)
     swa_layers: tuple[bool, ...] = ()
     if sliding_window > 0:
         pattern = key("attention.sliding_window_pattern", spec.swa_pattern)
         swa_layers = (tuple(bool(x) for x in pattern) if isinstance(pattern, list)
-                      else swa_layers_from_pattern(n_layer, int(pattern)))
+                      else swa_layers_from_pattern(n_layer, _number(pattern, what("attention.sliding_window_pattern"), int, 0)))
 
-    attn_scale = float(key("attention.scale", 0.0))
+    attn_scale = real("attention.scale", 0.0)
     if arch == "gemma3":  # llama_model_gemma3::load_arch_hparams: only the 27B scales by d / n_head
         attn_scale = 1.0 / np.sqrt(n_embd / n_head if n_layer == 62 else head_dim)
 
@@ -106,21 +129,21 @@ def config_from_gguf(header: GGUFHeader, n_vocab: int) -> ModelConfig:
         arch=arch,
         n_layer=n_layer,
         n_embd=n_embd,
-        n_ff=_per_layer(key("feed_forward_length", 0), n_layer, "feed_forward_length"),
+        n_ff=_per_layer(key("feed_forward_length", 0), n_layer, what("feed_forward_length")),
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
-        head_dim_v=int(key("attention.value_length", n_embd // n_head)),
+        head_dim_v=count("attention.value_length", n_embd // n_head, minimum=1),
         n_vocab=n_vocab,
-        rms_eps=float(key("attention.layer_norm_rms_epsilon", required=True)),
-        n_rot=int(key("rope.dimension_count", head_dim)),
-        rope_base=float(key("rope.freq_base", 10000.0)),
+        rms_eps=real("attention.layer_norm_rms_epsilon", required=True),
+        n_rot=count("rope.dimension_count", head_dim),
+        rope_base=real("rope.freq_base", 10000.0),
         rope_scale=1.0 / factor if factor else 1.0,
-        rope_base_swa=float(key("rope.freq_base_swa", 10000.0)),
+        rope_base_swa=real("rope.freq_base_swa", 10000.0),
         sliding_window=sliding_window,
         swa_layers=swa_layers,
         attn_scale=float(attn_scale),
-        final_logit_softcap=float(key("final_logit_softcapping", 0.0)),
-        n_expert=int(key("expert_count", 0)),
-        n_expert_used=int(key("expert_used_count", 0)),
+        final_logit_softcap=real("final_logit_softcapping", 0.0),
+        n_expert=count("expert_count", 0),
+        n_expert_used=count("expert_used_count", 0),
     )

@@ -587,3 +587,40 @@ def test_2mb_header_fails_fast_and_small(tmp_path, make):
           f"{min(cpu) * 1e3:.0f} ms CPU, peak {peak / 2**20:.1f} MiB")
     assert min(cpu) < 1.0 and min(wall) < 2.0
     assert peak < 100 * 2**20
+
+
+# ------------------------------------------------------------------- model metadata of any type
+
+_MODEL_KEYS = ["block_count", "embedding_length", "attention.head_count", "attention.head_count_kv",
+               "feed_forward_length", "attention.layer_norm_rms_epsilon", "attention.key_length",
+               "rope.dimension_count", "rope.freq_base", "rope.scaling.factor", "attention.sliding_window",
+               "attention.sliding_window_pattern", "expert_count"]
+_ODD_VALUES = [("x", VT.STRING), (0, VT.UINT32), (-1, VT.INT32), (2**40, VT.UINT64), (float("nan"), VT.FLOAT32),
+               (float("inf"), VT.FLOAT64), (2.5, VT.FLOAT32), (([4, 4], VT.UINT32), VT.ARRAY),
+               ((["a"], VT.STRING), VT.ARRAY), (True, VT.BOOL)]
+
+
+def test_model_metadata_of_any_type(tmp_path):
+    """A well-formed GGUF whose model keys hold odd values or types: the model opens, or a
+    ModelError names the file and the key (no int('x') or division by zero tracebacks)."""
+    from dynsearch.errors import ModelError
+    from dynsearch.objectives.gguf_source import GGUFSource
+    from dynsearch.objectives.gguf_write import write_model
+
+    rng = np.random.default_rng(0)
+    tensors = {"token_embd.weight": rng.standard_normal((8, 32)).astype(np.float32),
+               "blk.0.attn_norm.weight": np.ones(32, np.float32)}
+    base = {"llama.block_count": (1, VT.UINT32), "llama.embedding_length": (32, VT.UINT32),
+            "llama.attention.head_count": (4, VT.UINT32), "llama.attention.layer_norm_rms_epsilon": (1e-5, VT.FLOAT32)}
+    GGUFSource(write_model(tmp_path / "ok.gguf", "llama", None, base, tensors))
+    opened = refused = 0
+    for k in _MODEL_KEYS:
+        for value in _ODD_VALUES:
+            path = write_model(tmp_path / "m.gguf", "llama", None, {**base, f"llama.{k}": value}, tensors)
+            try:
+                GGUFSource(path)
+                opened += 1
+            except ModelError as e:
+                assert str(e).startswith("m.gguf: ") and "\n" not in str(e), str(e)
+                refused += 1
+    assert refused > 50 and opened + refused == len(_MODEL_KEYS) * len(_ODD_VALUES)
