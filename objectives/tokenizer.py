@@ -28,6 +28,8 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..errors import DynsearchError, ModelError
+
 log = logging.getLogger(__name__)
 
 # llama.cpp token types (gguf TokenType / llama_token_type).
@@ -288,7 +290,14 @@ class Tokenizer:
     # -- construction
     @classmethod
     def from_gguf(cls, path: str | Path) -> "Tokenizer":
-        return cls(Vocab.from_metadata(read_gguf_metadata(path)))
+        meta = read_gguf_metadata(path)  # a malformed file is a GGUFError already
+        try:
+            return cls(Vocab.from_metadata(meta))
+        except DynsearchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - odd metadata; the tokenizers library raises bare Exception
+            raise ModelError(f"{path}: unusable tokenizer metadata ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
     @classmethod
     def from_tokenizer_json(cls, path: str | Path) -> "HFTokenizer":

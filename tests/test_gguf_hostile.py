@@ -624,3 +624,35 @@ def test_model_metadata_of_any_type(tmp_path):
                 assert str(e).startswith("m.gguf: ") and "\n" not in str(e), str(e)
                 refused += 1
     assert refused > 50 and opened + refused == len(_MODEL_KEYS) * len(_ODD_VALUES)
+
+
+_TOKENIZER_KEYS = ["tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                   "tokenizer.ggml.merges", "tokenizer.ggml.scores", "tokenizer.ggml.pre",
+                   "tokenizer.ggml.bos_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"]
+
+
+def test_tokenizer_metadata_of_any_type(tmp_path):
+    """Odd values under the tokenizer keys: a working tokenizer, or a ModelError naming the file."""
+    from dynsearch.errors import ModelError
+    from dynsearch.objectives.gguf_write import write_model
+    from dynsearch.objectives.tokenizer import Tokenizer
+
+    tokens = ["<s>", "a", "b", "c", " ", "ab"]
+    base = {"tokenizer.ggml.model": ("gpt2", VT.STRING), "tokenizer.ggml.pre": ("default", VT.STRING),
+            "tokenizer.ggml.tokens": ((tokens, VT.STRING), VT.ARRAY),
+            "tokenizer.ggml.token_type": (([3, 1, 1, 1, 1, 1], VT.INT32), VT.ARRAY),
+            "tokenizer.ggml.merges": ((["a b"], VT.STRING), VT.ARRAY),
+            "tokenizer.ggml.bos_token_id": (0, VT.UINT32)}
+    tensors = {"token_embd.weight": np.zeros((6, 32), np.float32)}
+    assert Tokenizer.from_gguf(write_model(tmp_path / "ok.gguf", "llama", None, base, tensors)).encode("ab")
+    ok = refused = 0
+    for k in _TOKENIZER_KEYS:
+        for value in _ODD_VALUES:
+            path = write_model(tmp_path / "t.gguf", "llama", None, {**base, k: value}, tensors)
+            try:
+                Tokenizer.from_gguf(path).encode("abc ab")
+                ok += 1
+            except ModelError as e:
+                assert str(path) in str(e) and "\n" not in str(e), str(e)
+                refused += 1
+    assert refused > 10 and ok + refused == len(_TOKENIZER_KEYS) * len(_ODD_VALUES)
