@@ -58,6 +58,9 @@ def open_study(storage, study_name: str, space: SearchSpace, settings: SearchSet
     study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
                                 sampler=make_sampler(settings.sampler, settings.seed),
                                 load_if_exists=True)
+    n_existing = len(study.get_trials(deepcopy=False))
+    if n_existing:  # resumed: a fresh stream, or the sampler would replay the points it proposed
+        study.sampler = make_sampler(settings.sampler, settings.seed + n_existing)
     fp = space.fingerprint()
     stored = study.user_attrs.get("space_fingerprint")
     if stored is None:

@@ -318,3 +318,15 @@ def test_run_config_round_trips_without_the_storage():
     assert Path(back.out).is_absolute() and back.cache == str(Path(back.out) / "cache")
     with pytest.raises(Exception, match="unreadable"):
         config_from_json(json.dumps({"model": "m", "budgets": ["1GB"], "bogus": 1}))
+
+
+def test_resumed_study_does_not_replay_the_proposals_it_already_made(tmp_path):
+    space = tiny_space()
+    url = f"journal://{tmp_path / 'r.log'}"
+    s1, s2 = tiny_settings(space, 5, seed=0), tiny_settings(space, 10, seed=0)
+    run_study(open_study(open_storage(url), "r", space, s1), space, s1, lambda c: true_kl(space, c),
+              show_progress=False)
+    study = open_study(open_storage(url), "r", space, s2)  # the same command, more trials
+    run_study(study, space, s2, lambda c: true_kl(space, c), show_progress=False)
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(params) == 10 and not set(params[5:]) & set(params[:5])
