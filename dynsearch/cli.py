@@ -32,12 +32,14 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
 
 def _run_config(args: argparse.Namespace):
     """The RunConfig of ``run`` / ``proxy-check`` arguments (options a command lacks: defaults)."""
+    from .search.budget import expand_budgets
     from .search.pipeline import DEFAULT_TYPES, RunConfig
 
     types = tuple(t.strip() for t in args.types.split(",")) if args.types else DEFAULT_TYPES
     extra = {k: getattr(args, k) for k in ("trials", "timeout", "sampler", "storage", "study_name",
                                            "search_workers") if hasattr(args, k)}
-    return RunConfig(model=args.model, budgets=tuple(args.budget), types=types, keep=tuple(args.keep),
+    budgets = tuple(dict.fromkeys(expand_budgets(args.budget)))  # ranges expanded, repeats once
+    return RunConfig(model=args.model, budgets=budgets, types=types, keep=tuple(args.keep),
                      calib=args.calib, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
                      search_tokens=args.search_tokens, fisher_tokens=args.fisher_tokens,
                      seed=args.seed, workers=args.workers, out=args.out, device=args.device,
@@ -149,7 +151,8 @@ def _model_options(s: argparse.ArgumentParser) -> None:
     """Options shared by the commands that profile a model (run, proxy-check)."""
     s.add_argument("model", help="a .gguf file, a Hugging Face folder, or an alias (smollm2-135m, llama4, ...)")
     s.add_argument("--budget", action="append", required=True,
-                   help="file size (100MB, 16GB, 15GiB) or bits per weight (4.5bpw); repeat for a family")
+                   help="file size (100MB, 16GB, 15GiB) or bits per weight (4.5bpw); repeat, or give a "
+                        "range LOW..HIGH/N (60MB..120MB/4), for a family of recipes")
     s.add_argument("--types", default="",
                    help="comma-separated candidate types (default: the k-quants, IQ4_XS, IQ4_NL, Q4_0, "
                         "Q5_0, Q5_1, Q8_0; Q4_1 only when named)")

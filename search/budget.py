@@ -53,6 +53,40 @@ def parse_budget(text: str) -> Budget:
     return Budget(spec=f"{value:g}{m.group(2) or 'B'}", file_bytes=nbytes)
 
 
+def expand_budgets(specs) -> list[str]:
+    """Budget arguments with ranges expanded: ``60MB..120MB/4`` is 4 budgets evenly spaced from
+    60MB to 120MB (both ends included, the unit of the first end; ``3bpw..6bpw/7`` likewise), so
+    that one run gives a family of recipes from one profiling pass."""
+    out: list[str] = []
+    for spec in specs:
+        text = str(spec)
+        if ".." not in text:
+            out.append(text)
+            continue
+        rng, _, count = text.partition("/")
+        lo_s, _, hi_s = rng.partition("..")
+        try:
+            n = int(count)
+        except ValueError:
+            n = 0
+        if n < 2:
+            raise BudgetError(f"invalid budget range {text!r}: use LOW..HIGH/N with N >= 2 "
+                              "(e.g. 60MB..120MB/4)")
+        lo, hi = parse_budget(lo_s), parse_budget(hi_s)
+        if (lo.bpw is None) != (hi.bpw is None):
+            raise BudgetError(f"invalid budget range {text!r}: both ends in bytes or both in bpw")
+        a, b = (lo.bpw, hi.bpw) if lo.bpw is not None else (lo.file_bytes, hi.file_bytes)
+        if not a < b:
+            raise BudgetError(f"invalid budget range {text!r}: the low end must be below the high end")
+        m = _RE.match(lo_s)
+        unit = m.group(2) if m else ""
+        scale = 1.0 if lo.bpw is not None else float(_UNITS[unit.lower()])
+        for k in range(n):
+            v = (a + (b - a) * k / (n - 1)) / scale
+            out.append(f"{v:.4g}{unit}")
+    return out
+
+
 def format_bytes(n: int) -> str:
     """Decimal units as llama.cpp and model hubs print file sizes."""
     for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):

@@ -39,3 +39,20 @@ def test_reachability():
         check_reachable(b, 100, 60, 100)
     check_reachable(b, 80, 60, 100)
     assert format_bytes(105_500_000) == "105.50 MB"
+
+
+def test_budget_ranges_expand_evenly_with_both_ends():
+    from dynsearch.search.budget import expand_budgets
+
+    assert expand_budgets(["60MB..120MB/4"]) == ["60MB", "80MB", "100MB", "120MB"]
+    assert expand_budgets(["3bpw..6bpw/3", "100MB"]) == ["3bpw", "4.5bpw", "6bpw", "100MB"]
+    assert [parse_budget(b).file_bytes for b in expand_budgets(["1GiB..2GiB/2"])] == [2**30, 2**31]
+
+
+@pytest.mark.parametrize("bad", ["60MB..120MB", "60MB..120MB/1", "60MB..120MB/x", "60MB..4bpw/3",
+                                 "120MB..60MB/3", "60MB..60MB/2", "..120MB/3"])
+def test_bad_budget_ranges_are_clear_errors(bad):
+    from dynsearch.search.budget import expand_budgets
+
+    with pytest.raises(BudgetError, match="invalid budget"):
+        expand_budgets([bad])
