@@ -24,6 +24,7 @@ from .space import SearchSpace, choice_key, parse_choice_key
 log = logging.getLogger(__name__)
 
 SEED_TRIAL_ATTR = "seed"
+REFIT_TRIAL_ATTR = "refit"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class SearchSettings:
     sampler: str = "tpe"  # "tpe", "cmaes", "gp" or "random"
     max_log_multiplier: float = 1.5  # multipliers range over exp(+-this)
     proxy_slack: float = 0.25  # prune candidates whose proxy exceeds the seed's by more than this
+    refit: bool = True  # propose the knapsack optimum of the proxy refitted to measured KL
+    refit_ridge: float = 0.03  # pull of the refitted log-multipliers towards 0 (the plain proxy)
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -105,7 +108,7 @@ def make_objective(space: SearchSpace, settings: SearchSettings,
             if t.user_attrs.get("choice") == key and t.value is not None:
                 trial.set_user_attr("duplicate_of", t.number)
                 return t.value
-        if proxy > limit:
+        if proxy > limit and not trial.user_attrs.get(REFIT_TRIAL_ATTR):
             raise optuna.TrialPruned(f"proxy {proxy:.4g} above the seed's by more than "
                                      f"{settings.proxy_slack:.0%}")
         value = float(evaluate(choice))
@@ -115,6 +118,80 @@ def make_objective(space: SearchSpace, settings: SearchSettings,
         return value
 
     return objective
+
+
+def group_errors(space: SearchSpace, choice: np.ndarray) -> np.ndarray:
+    """(n_groups,) the proxy's error of ``choice`` summed per tensor group."""
+    e = space.errors[np.arange(len(choice)), choice]
+    return np.bincount(space.groups, weights=e, minlength=len(space.group_names))
+
+
+def refit_log_multipliers(space: SearchSpace, measured: list[tuple[np.ndarray, float]],
+                          bound: float, ridge: float) -> np.ndarray | None:
+    """Per-group log-multipliers ``a`` that make the proxy agree with the measured true KL.
+
+    Fits ``log KL_k ~ c + log(sum_g exp(a_g) E_kg)`` over the measured candidates (``E_kg``: the
+    proxy's error of candidate k in group g) by least squares, with a ridge pull of ``a``
+    towards 0 (the unscaled proxy) and ``|a_g| <= bound``; ``c`` absorbs the overall scale,
+    which the knapsack does not need. None with fewer than 3 measurements.
+    """
+    from scipy.optimize import minimize
+
+    if len(measured) < 3:
+        return None
+    E = np.stack([group_errors(space, c) for c, _ in measured])
+    y = np.log(np.array([v for _, v in measured], dtype=np.float64))
+    if not np.isfinite(y).all():
+        return None
+    scale = E.sum(axis=1).mean()
+    E = E / scale
+    G = E.shape[1]
+
+    def loss(x):
+        a, c = x[:G], x[G]
+        w = np.exp(a)
+        pred = E @ w
+        r = c + np.log(pred) - y
+        ga = (r / pred)[:, None] * E * w[None, :]
+        return float(r @ r + ridge * a @ a), np.concatenate([2 * ga.sum(0) + 2 * ridge * a, [2 * r.sum()]])
+
+    x0 = np.concatenate([np.zeros(G), [float(np.mean(y - np.log(E.sum(axis=1))))]])
+    res = minimize(loss, x0, jac=True, method="L-BFGS-B",
+                   bounds=[(-bound, bound)] * G + [(None, None)])
+    a = res.x[:G]
+    return a if np.isfinite(a).all() else None
+
+
+class RefitProposer:
+    """Study callback: after each finished trial, enqueue the knapsack optimum of the proxy
+    refitted to all measured trials, unless that candidate was measured already or a proposal is
+    still waiting. Alternating with the sampler's own proposals, the search learns which groups
+    the proxy misjudges from every true-KL measurement (any worker's)."""
+
+    def __init__(self, space: SearchSpace, settings: SearchSettings):
+        self.space, self.settings = space, settings
+        self.names = _param_names(space)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return
+        measured, keys = [], set()
+        for t in trials:
+            key = t.user_attrs.get("choice")
+            if key is not None:
+                keys.add(key)
+            if t.state == TrialState.COMPLETE and key is not None and "duplicate_of" not in t.user_attrs:
+                measured.append((parse_choice_key(key), float(t.value)))
+        a = refit_log_multipliers(self.space, measured, self.settings.max_log_multiplier,
+                                  self.settings.refit_ridge)
+        if a is None:
+            return
+        choice = self.space.solve(self.settings.budget, a)
+        if choice_key(choice) in keys:
+            return
+        study.enqueue_trial({n: float(v) for n, v in zip(self.names, a)},
+                            user_attrs={REFIT_TRIAL_ATTR: True})
 
 
 def run_study(study: optuna.Study, space: SearchSpace, settings: SearchSettings,
@@ -130,8 +207,9 @@ def run_study(study: optuna.Study, space: SearchSpace, settings: SearchSettings,
         return study
     callback = optuna.study.MaxTrialsCallback(settings.n_trials,
                                               states=(TrialState.COMPLETE, TrialState.PRUNED))
+    callbacks = [callback] + ([RefitProposer(space, settings)] if settings.refit else [])
     study.optimize(make_objective(space, settings, evaluate), n_trials=remaining,
-                   timeout=settings.timeout, callbacks=[callback], catch=(DynsearchError,),
+                   timeout=settings.timeout, callbacks=callbacks, catch=(DynsearchError,),
                    show_progress_bar=show_progress, gc_after_trial=False)
     return study
 

@@ -92,3 +92,36 @@ def test_non_finite_objective_is_a_failed_trial(tmp_path):
     assert failed and all("returned nan" in t.user_attrs["fail_reason"] for t in failed)
     with pytest.raises(DynsearchError, match="no completed trial"):
         best_result(study)
+
+
+def test_refit_recovers_the_multipliers_behind_measured_kl():
+    from dynsearch.search.proxy_check import random_feasible
+    from dynsearch.search.study import group_errors, refit_log_multipliers
+
+    space, _ = synthetic_space(seed=4)
+    rng = np.random.default_rng(0)
+    a_true = rng.uniform(-1, 1, len(space.group_names))
+    budget = (space.min_size() + space.max_size()) // 2
+    choices = [random_feasible(space, budget, rng) for _ in range(40)]
+    measured = [(c, 0.7 * float(group_errors(space, c) @ np.exp(a_true))) for c in choices]
+    a = refit_log_multipliers(space, measured, bound=1.5, ridge=1e-6)
+    np.testing.assert_allclose(a - a.mean(), a_true - a_true.mean(), atol=0.05)
+    assert refit_log_multipliers(space, measured[:2], 1.5, 0.03) is None
+
+
+def test_refit_proposals_reach_the_true_optimum():
+    from dynsearch.search import knapsack
+
+    space, weight = synthetic_space(seed=1)
+    budget = (space.min_size() + space.max_size()) // 2
+    evaluate = true_kl(space, weight)
+    oracle = evaluate(knapsack.solve_dp(space.sizes, space.errors * weight[:, None], budget).choice)
+    best = {}
+    for refit in (False, True):
+        settings = SearchSettings(budget=budget, n_trials=24, seed=1, refit=refit)
+        study = open_study(None, f"refit-{refit}", space, settings)
+        run_study(study, space, settings, evaluate, show_progress=False)
+        best[refit] = best_result(study).value
+        if refit:
+            assert any(t.user_attrs.get("refit") for t in study.trials)
+    assert best[True] <= 1.01 * oracle < best[False]
