@@ -68,6 +68,7 @@ class RunResult:
     recipe_paths: list[Path] = field(default_factory=list)
     gguf_paths: list[Path] = field(default_factory=list)
     report_path: Path | None = None
+    imatrix_path: Path | None = None
     rows: list[dict] = field(default_factory=list)
 
 
@@ -289,7 +290,7 @@ def header_overhead(source) -> int:
 def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     """Prepare, then for every budget: search (resuming its study) and write recipe + GGUF."""
     prep = prepare(cfg, progress)
-    result = RunResult()
+    result = RunResult(imatrix_path=write_run_imatrix(prep))
     for i in range(len(prep.budgets)):
         study = open_budget_study(prep, i)
         helpers = worker.spawn(prep.storage_url(), study.study_name, cfg.search_workers - 1,
@@ -507,6 +508,20 @@ def finish_budget(prep: Prepared, i: int, study, result: RunResult, progress: bo
                         "heldout_mean_kl": ho.to_dict()["kld_mean"],
                         "heldout": ho.to_dict(), "types": recipe.types_histogram(),
                         "recipe": str(rpath), "gguf": str(gpath) if gpath else None})
+
+
+def write_run_imatrix(prep: Prepared) -> Path:
+    """The importance vectors the run quantized with, as a GGUF imatrix beside the recipes, so
+    that ``dynsearch apply --imatrix`` and ``llama-quantize --imatrix`` (``dynsearch export``)
+    reproduce the run's GGUF byte for byte (each entry is the mean, with a count of 1)."""
+    from ..objectives.imatrix import ImatrixData, ImatrixEntry, write_imatrix
+
+    entries = {n: ImatrixEntry(np.asarray(v, dtype=np.float32).reshape(1, -1), np.ones(1, dtype=np.int64))
+               for n, v in prep.importance.items() if v is not None}
+    seq = int(prep.calib_desc["seq_len"])
+    return write_imatrix(prep.run_dir / "imatrix.gguf",
+                         ImatrixData(entries, [str(prep.calib_desc["description"])],
+                                     int(prep.calib_desc["n_tokens"]) // seq, seq))
 
 
 def _slug(s: str) -> str:
