@@ -175,10 +175,11 @@ def owner_is_gone(owner: dict) -> bool:
 
 
 class _Sweep:
-    """Shared by both storages: tag a trial with its worker on its first beat, and count as stale
-    the trials of local workers that are gone, and trials that never beat within the grace."""
+    """Shared by both storages: tag a trial with its worker as soon as the worker takes it, and
+    count as stale the trials of local workers that are gone, and untagged trials older than the
+    grace period (a worker killed between taking a trial and tagging it)."""
 
-    grace_period: int
+    grace_period: float
 
     def _init_sweep(self) -> None:
         self._tagged: set[int] = set()
@@ -187,6 +188,18 @@ class _Sweep:
         if trial_id not in self._tagged:
             self._tagged.add(trial_id)
             self.set_trial_system_attr(trial_id, OWNER_ATTR, this_worker())
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        trial_id = super().create_new_trial(study_id, template_trial)
+        if template_trial is None or template_trial.state == TrialState.RUNNING:
+            self._tag(trial_id)
+        return trial_id
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        taken = super().set_trial_state_values(trial_id, state, values)
+        if taken and state == TrialState.RUNNING:  # a queued trial (the seed, a retry) taken
+            self._tag(trial_id)
+        return taken
 
     def _more_stale(self, study_id: int) -> list[int]:
         out = []
@@ -205,9 +218,29 @@ class _RDB(_Sweep, RDBStorage):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_sweep()
+        if self.engine.dialect.name == "sqlite":
+            _serialize_sqlite(self.engine)
+
+
+def _serialize_sqlite(engine) -> None:
+    """Make every SQLite transaction ``BEGIN IMMEDIATE``. Python's sqlite3 starts a transaction
+    only at the first write, so two workers can both read a queued trial as WAITING and both take
+    it, or both fail one stale trial and queue two retries; Optuna's ``SELECT ... FOR UPDATE``
+    guards that on PostgreSQL but is a no-op on SQLite. (SQLAlchemy's documented pysqlite recipe.)"""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners are replaced
 
     def record_heartbeat(self, trial_id: int) -> None:
-        self._tag(trial_id)
+        self._tag(trial_id)  # already done when this process took the trial; kept for safety
         super().record_heartbeat(trial_id)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:

@@ -1,9 +1,13 @@
 """A worker process for tests/test_workers.py, and the tiny search it works on.
 
+``python tests/_study_worker.py --take-queued URL STUDY START`` only takes queued trials (racing
+other processes from the time START on) and prints their ids.
+
 ``python tests/_study_worker.py URL STUDY N_TRIALS SLEEP`` joins the study through
 :func:`dynsearch.search.worker.work` exactly as ``dynsearch worker`` does, over a synthetic search
-space whose "true KL" is cheap and deterministic; each evaluation sleeps ``SLEEP`` seconds so a
-test can kill the process in the middle of a trial.
+space whose "true KL" is cheap and deterministic; each evaluation sleeps ``SLEEP`` seconds, with
+the file ``$STUDY_WORKER_MARKERS/<pid>.scoring`` present meanwhile, so a test can kill the process
+in the middle of a trial.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -57,12 +62,34 @@ def main(url: str, study_name: str, n_trials: int, sleep: float) -> None:
     s = settings(space, n_trials, seed=os.getpid())  # each worker its own sampler stream
     study = open_study(storage, study_name, space, s)
 
-    def evaluate(choice):
+    marker = Path(os.environ.get("STUDY_WORKER_MARKERS", ".")) / f"{os.getpid()}.scoring"
+
+    def evaluate(choice):  # the marker tells the test, without a query, that we are mid-trial
+        marker.touch()
         time.sleep(sleep)
+        marker.unlink()
         return true_kl(space, choice)
 
     work(study, space, s, evaluate, progress=False)
 
 
+def take_queued(url: str, study_name: str, start_at: float) -> None:
+    """From ``start_at`` on, take queued trials as fast as possible; print their ids."""
+    import optuna
+
+    from dynsearch.search.storage import open_storage
+
+    study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+    while time.time() < start_at:
+        pass
+    taken = []
+    while (tid := study._pop_waiting_trial_id()) is not None:  # what Study.ask does first
+        taken.append(tid)
+    print(" ".join(map(str, taken)))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    if sys.argv[1] == "--take-queued":
+        take_queued(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+    else:
+        main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
