@@ -27,7 +27,8 @@ README_HEAD = """# Published recipes
 
 Per-tensor type assignments found by `dynsearch run`, one YAML file per model and budget. Apply one
 with `dynsearch apply RECIPE.yaml MODEL.gguf -o OUT.gguf`; add one with
-`dynsearch publish RECIPE.yaml`.
+`dynsearch publish RECIPE.yaml`. The KLD columns are measured on held-out tokens against the
+model file the search ran on (`model.source_sha256` in the recipe).
 
 """
 
