@@ -221,6 +221,13 @@ class _RDB(_Sweep, RDBStorage):
         if self.engine.dialect.name == "sqlite":
             _serialize_sqlite(self.engine)
 
+    def record_heartbeat(self, trial_id: int) -> None:
+        self._tag(trial_id)  # already done when this process took the trial; kept for safety
+        super().record_heartbeat(trial_id)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return sorted(set(super()._get_stale_trial_ids(study_id)) | set(self._more_stale(study_id)))
+
 
 def _serialize_sqlite(engine) -> None:
     """Make every SQLite transaction ``BEGIN IMMEDIATE``. Python's sqlite3 starts a transaction
@@ -238,13 +245,6 @@ def _serialize_sqlite(engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     engine.dispose()  # connections opened before the listeners are replaced
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self._tag(trial_id)  # already done when this process took the trial; kept for safety
-        super().record_heartbeat(trial_id)
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        return sorted(set(super()._get_stale_trial_ids(study_id)) | set(self._more_stale(study_id)))
 
 
 class _Journal(_Sweep, JournalStorage, BaseHeartbeat):

@@ -1,8 +1,9 @@
 """Many workers on one study: kill -9 mid-trial, stale-trial sweep and retry, heartbeats through
 long GIL-free kernels, journal crash recovery, non-finite objectives, determinism, status.
 
-The worker tests run on SQLite and the journal file every time, and on PostgreSQL when
-``DYNSEARCH_TEST_POSTGRES_URL`` names a database (CI starts one on 127.0.0.1)."""
+The storage tests run on SQLite and the journal file every time, and on PostgreSQL when
+``DYNSEARCH_TEST_POSTGRES_URL`` names a database (.ci/postgres.sh starts one on 127.0.0.1). The
+tests that start several processes are marked slow (CI runs them: `make test`)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from dynsearch.cli import main as cli_main
 from dynsearch.errors import StorageError
 from dynsearch.search.space import parse_choice_key
 from dynsearch.search.status import format_table, storage_status
-from dynsearch.search.storage import (BEAT_ATTR, OWNER_ATTR, StorageSettings, open_storage, redact,
+from dynsearch.search.storage import (OWNER_ATTR, StorageSettings, open_storage, redact,
                                       repair_journal, sweep_stale)
 from dynsearch.search.study import best_result, open_study, run_study
 from dynsearch.search.worker import work
@@ -66,6 +67,7 @@ def _spawn(url: str, name: str, n_trials: int, sleep: float, markers: Path) -> s
                             env={**os.environ, "STUDY_WORKER_MARKERS": str(markers)})
 
 
+@pytest.mark.slow  # several processes each; CI runs it
 def test_three_workers_two_killed_mid_trial(storage_url, tmp_path):
     n, sleep = 8, 0.5
     t0 = time.time()
@@ -122,6 +124,7 @@ def test_three_workers_two_killed_mid_trial(storage_url, tmp_path):
           f"done {t_done - t_killed:.1f} s later")
 
 
+@pytest.mark.slow  # several processes each; CI runs it
 def test_queued_trials_are_taken_once_by_racing_workers(storage_url):
     """Queued trials (the seed, retries) go to exactly one worker. Plain Optuna on SQLite hands
     the same trial to several racing processes (measured: 27-29 takes of 20 trials by 4)."""
