@@ -289,6 +289,8 @@ def header_overhead(source) -> int:
 
 def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     """Prepare, then for every budget: search (resuming its study) and write recipe + GGUF."""
+    if cfg.storage:
+        open_storage(cfg.storage)  # a bad URL or an unreachable server: an error before any work
     prep = prepare(cfg, progress)
     result = RunResult(imatrix_path=write_run_imatrix(prep))
     for i in range(len(prep.budgets)):

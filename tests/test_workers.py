@@ -319,6 +319,11 @@ def test_storage_urls_are_checked_and_never_leak_passwords(tmp_path, capsys):
         assert secret not in err and len(err.strip().splitlines()) == 1
     assert cli_main(["worker", "--storage", f"sqlite:///{tmp_path / 'e.db'}", "--study-name", "x"]) == 2
     assert "no study 'x'" in capsys.readouterr().err
+    # `run` checks its storage before any work (here, before even looking for the model)
+    assert cli_main(["run", "no-such-model", "--budget", "100MB", "--quiet", "--storage",
+                     f"postgresql://bob:{secret}@127.0.0.1:1/x"]) == 2
+    err = capsys.readouterr().err
+    assert "storage 'postgresql://bob:***@127.0.0.1:1/x'" in err and secret not in err
 
 
 def test_run_config_round_trips_without_the_storage():
