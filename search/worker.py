@@ -102,6 +102,11 @@ def join(storage_url: str, study_name: str, max_trials: int | None = None,
     index = int(stored.user_attrs.get(BUDGET_INDEX_ATTR, 0))
     requested = int(stored.user_attrs.get(N_TRIALS_ATTR, cfg.trials))
     cfg = replace(cfg, trials=requested)
+    finished = stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    if len(finished) >= requested:  # nothing left: leave without loading the model
+        sweep_stale(stored)
+        complete = sum(t.state == TrialState.COMPLETE for t in finished)
+        return WorkerResult(study_name, 0, complete, requested)
     prep = prepare(cfg, progress)
     if prep.study_name(index) != study_name:
         raise StorageError(f"study {study_name!r}: its stored configuration names study "
