@@ -191,3 +191,28 @@ def test_demo_model_variants_and_cli(tmp_path, capsys):
     assert doc["file_bytes"] == demo.stat().st_size and doc["variants"]["A"] == [" A", "A"]
     assert main(["mmlu", str(demo), "--subjects", "nope", "--quiet"]) == 2
     assert "unknown MMLU subject 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_letter_logprobs_match_llama_cpp():
+    """Our scorer's answer-token log-probs for a real 5-shot prompt equal llama.cpp's (F32 copy of the
+    demo model, so no activation rounding on llama.cpp's side)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference")
+    from dynsearch.objectives.bench_forward import f32_copy
+    from dynsearch.objectives.forward import BlockwiseForward
+    from dynsearch.objectives.gguf_source import GGUFSource
+    from dynsearch.objectives.tokenizer import Tokenizer
+    from dynsearch.search.models import demo_model_path
+
+    path = f32_copy(demo_model_path())
+    tok = Tokenizer.from_gguf(path)
+    variants = mmlu.answer_variants(tok)
+    ids = sorted({t for v in variants.values() for t in v})
+    dev, test = mmlu.load_subject(mmlu_dir(), "world_religions", limit=1)
+    prompt = mmlu.prompt_tokens(tok, "world_religions", dev, test[0])
+    ours = mmlu.model_scorer(BlockwiseForward(GGUFSource(path)))([prompt], ids)[0]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(prompt)
+    logits = np.asarray(llm.scores[len(prompt) - 1], dtype=np.float64)
+    ref = logits[ids] - np.logaddexp.reduce(logits)
+    np.testing.assert_allclose(ours, ref, atol=2e-3)
