@@ -37,7 +37,18 @@ def test_check_proxy_reports_agreement_and_disagreement():
     rng = np.random.default_rng(1)
     noise = check_proxy(space, budget, lambda c: float(rng.uniform(1, 2)), n=30, seed=0)
     assert abs(noise.spearman) < 0.5
-    assert "Spearman" in agree.table() and len(agree.table().splitlines()) == 32
+    assert agree.spearman_fitted > 0.95  # a fit to exact proxies keeps them
+    assert abs(noise.spearman_fitted) < 0.5  # nothing to learn from noise
+    assert "Spearman" in agree.table() and len(agree.table().splitlines()) == 33
+
+
+def test_fitted_proxy_learns_what_the_raw_proxy_misjudges():
+    space, weight = synthetic_space()  # the truth weighs ffn_down 4x more than the proxy
+    budget = (space.min_size() + space.max_size()) // 2
+    evaluate = lambda c: float((space.errors[np.arange(len(c)), c] * weight).sum())  # noqa: E731
+    res = check_proxy(space, budget, evaluate, n=30, seed=2)
+    assert res.spearman_fitted > res.spearman + 0.05
+    assert res.spearman_fitted > 0.95
 
 
 @pytest.mark.slow
