@@ -58,7 +58,7 @@ def test_proxy_ranks_random_assignments_of_the_demo_model(tmp_path, capsys):
 
     rc = main(["proxy-check", "smollm2-135m", "--budget", "100MB", "--n", "30", "--calib-tokens", "2048",
                "--fisher-tokens", "1024", "--search-tokens", "512", "--eval-tokens", "512",
-               "--out", str(tmp_path), "--quiet", "--min-spearman", "0.8"])
+               "--out", str(tmp_path), "--quiet", "--min-spearman", "0.75"])
     printed = capsys.readouterr().out
     print(printed)
     assert "Spearman" in printed
