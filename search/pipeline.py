@@ -499,9 +499,13 @@ def finish_budget(prep: Prepared, i: int, study, result: RunResult, progress: bo
     result.recipe_paths.append(rpath)
     gpath = None
     if cfg.write_gguf:
-        from ..recipes.apply import apply_recipe
+        from ..recipes.apply import ImatrixFile, apply_recipe
+
+        # through the written imatrix file (same vectors), so that the GGUF records it as
+        # llama-quantize --imatrix would and `dynsearch apply --imatrix` reproduces it exactly
+        imatrix = ImatrixFile.read(result.imatrix_path) if result.imatrix_path else importance
         gpath = apply_recipe(recipe, model_path, run_dir / f"{recipe.name}.gguf",
-                             importance=importance, progress=progress)
+                             importance=imatrix, progress=progress)
         result.gguf_paths.append(gpath)
     result.rows.append({"budget": budget.spec, "tensor_bytes": tensor_bytes,
                         "file_bytes": gpath.stat().st_size if gpath else None,

