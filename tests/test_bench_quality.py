@@ -113,7 +113,8 @@ def _need_demo_and_tools() -> None:
 def tiny_run(tmp_path_factory):
     _need_demo_and_tools()
     d = tmp_path_factory.mktemp("bench")
-    cfg = bq.BenchConfig(mixes=("Q4_0", "Q8_0"), calib_tokens=1024, eval_tokens=1024,
+    cfg = bq.BenchConfig(mixes=("Q4_0", "Q8_0"), baselines=("uniform",), uniform_types=("Q4_0",),
+                         calib_tokens=1024, eval_tokens=1024,
                          out=str(d / "out"), cache=str(d / "cache"))
     entries, meta = bq.run_quality(cfg, progress=False)
     return cfg, entries, meta
@@ -122,13 +123,14 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.slow
 def test_tiny_run_writes_table_json_plot_and_reuses_cache(tiny_run, monkeypatch):
     cfg, entries, meta = tiny_run
-    assert [(e.label, e.kind) for e in entries] == [("Q4_0", "stock"), ("Q8_0", "stock"), ("Q4_1", "source")]
+    assert [(e.label, e.kind) for e in entries] == [("Q4_0", "stock"), ("Q8_0", "stock"), ("Q4_1", "source"),
+                                                    ("uniform Q4_0", "uniform")]
     assert meta["evaluation"]["chunks"] == 2 and meta["evaluation"]["scored_tokens"] == 2 * 255
     assert meta["evaluation"]["our_tokenizer_agrees"] and meta["calibration"]["retokenizes_identically"]
     back, _ = read_json(Path(cfg.out) / "quality.json")
     assert [e.to_dict() for e in back] == [e.to_dict() for e in entries]
     assert (Path(cfg.out) / "quality.png").stat().st_size > 10_000
-    q4, q8, _ = entries
+    q4, q8, _, uni = entries
     from dynsearch.objectives.compare import bits_per_weight
     from dynsearch.objectives.gguf_source import GGUFSource
 
@@ -138,6 +140,15 @@ def test_tiny_run_writes_table_json_plot_and_reuses_cache(tiny_run, monkeypatch)
     for e in entries:
         assert e.ours["n_tokens"] == 510  # the same 2 x 255 scored positions llama-perplexity scores
         assert 0 < e.llama["kld_mean"]
+    # uniform: every matrix Q4_0 (llama-quantize --pure), where the stock Q4_0 mix keeps embeddings at Q8_0
+    from dynsearch.objectives.gguf_header import GGUFHeader
+
+    kinds: dict[bool, set[str]] = {}
+    for t in GGUFHeader(uni.path).tensors.values():
+        kinds.setdefault(len(t.shape) > 1, set()).add(t.qtype.name)
+    assert kinds == {True: {"Q4_0"}, False: {"F32"}}
+    assert GGUFHeader(q4.path).tensors["token_embd.weight"].qtype.name == "Q8_0"
+    assert uni.file_bytes < q4.file_bytes and uni.llama["kld_mean"] > q4.llama["kld_mean"]
     # a rerun takes every artifact and measurement from the cache: no tool runs, no forward
     monkeypatch.setattr(stock, "run_tool", lambda *a, **k: pytest.fail("a tool ran on a cached rerun"))
     monkeypatch.setattr("dynsearch.objectives.compare.compare_files",
@@ -154,7 +165,7 @@ def test_our_kl_and_llama_cpp_agree_for_q8_0(tiny_run):
     our KL is exactly 0, while llama.cpp's is its measurement floor (its quantized matmuls round the
     activations to 8 bits). Q8_0 by llama.cpp is then about our Q8_0 KL on top of that floor."""
     _, entries, _ = tiny_run
-    q4, q8, src = entries
+    q4, q8, src, _ = entries
     ours, theirs, floor = q8.ours["kld_mean"], q8.llama["kld_mean"], src.llama["kld_mean"]
     print(f"\nmean KLD, ours / llama.cpp: Q8_0 {ours:.3e} / {theirs:.3e}, Q4_1 (source) {src.ours['kld_mean']:.3e} / "
           f"{floor:.3e}, Q4_0 {q4.ours['kld_mean']:.3e} / {q4.llama['kld_mean']:.3e}")
