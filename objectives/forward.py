@@ -115,15 +115,19 @@ class BlockwiseForward:
         out_name = "output.weight" if self._has_output else "token_embd.weight"  # tied embeddings
         norm, w_out = self.weight("output_norm.weight", overrides), self.weight(out_name, overrides)
         cap = self.cfg.final_logit_softcap
-        with torch.inference_mode():
-            for s in range(0, hidden.shape[0], self.batch_size):
+        for s in range(0, hidden.shape[0], self.batch_size):
+            # inference mode only around the computation, never across the yield: a suspended
+            # generator holding it would leak it to the caller (and two interleaved ones, as
+            # in KL evaluation, would restore each other's state: grad mode left off)
+            with torch.inference_mode():
                 x = rms_norm(hidden[s:s + self.batch_size], norm, self.cfg.rms_eps)
                 if capture is not None:
                     capture(out_name, x.reshape(-1, x.shape[-1]))
                 logits = torch.nn.functional.linear(x, w_out)
                 if cap > 0:
                     logits = torch.tanh(logits / cap) * cap
-                yield s, torch.log_softmax(logits, dim=-1) if log_probs else logits
+                out = torch.log_softmax(logits, dim=-1) if log_probs else logits
+            yield s, out
 
     def hidden_states(self, tokens: np.ndarray | torch.Tensor, overrides: Overrides | None = None,
                       capture: Capture | None = None) -> torch.Tensor:

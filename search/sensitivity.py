@@ -51,6 +51,7 @@ def _head_logits(forward, x_final: torch.Tensor, norm: torch.Tensor, w_out: torc
     return torch.tanh(logits / cap) * cap if cap > 0 else logits
 
 
+@torch.enable_grad()  # autograd whatever the caller's grad mode
 def fisher_pass(forward, tokens: np.ndarray, seed: int = 0) -> Sensitivities:
     """Sampled-label Fisher diagonals for every linear output of ``forward``'s model."""
     tokens = np.asarray(tokens)

@@ -68,3 +68,23 @@ def test_cache_drops_least_recently_used_past_its_cap():
     too_big = QuantCache(max_bytes=10)
     QuantizedWeights(src, {"a": "Q8_0"}, cache=too_big)["a"]
     assert not too_big._items
+
+
+def test_interleaved_head_generators_leave_grad_mode_alone(tmp_path):
+    """KL evaluation zips two ``head`` generators; neither may leave inference mode on."""
+    import torch
+
+    from dynsearch.objectives.forward import BlockwiseForward
+    from dynsearch.objectives.gguf_source import GGUFSource
+    from dynsearch.objectives.synthetic import Shape, write_synthetic_model
+
+    path = write_synthetic_model(tmp_path / "m.gguf", Shape(n_layer=1, n_embd=64, n_ff=128, n_head=4,
+                                                            n_head_kv=2, n_vocab=100))
+    fwd = BlockwiseForward(GGUFSource(path), batch_size=1)
+    h = fwd.hidden_states(np.random.default_rng(0).integers(0, 100, (3, 8)))
+    for (_, a), (_, b) in zip(fwd.head(h), fwd.head(h, log_probs=True)):
+        assert torch.is_grad_enabled()
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    gen = fwd.head(h)
+    next(gen)  # a suspended generator too
+    assert torch.is_grad_enabled()
