@@ -221,7 +221,7 @@ def dynsearch_at_sizes(inp: Inputs, cfg: BenchConfig, targets: dict[str, int]) -
     from .pipeline import RunConfig, run
 
     types = tuple(t for t in DEFAULT_TYPES if t != cfg.source_format)
-    rc = RunConfig(model=str(inp.ref), budgets=tuple(f"{b}B" for b in targets.values()), types=types,
+    rc = RunConfig(model=str(inp.ref), budgets=tuple(f"{b / 1e6:.6f}MB" for b in targets.values()), types=types,
                    calib=cfg.calib, calib_tokens=cfg.calib_tokens, eval_tokens=cfg.eval_tokens,
                    seq_len=cfg.seq_len, trials=cfg.trials, seed=cfg.seed, device=cfg.device,
                    out=str(Path(cfg.out) / "dynsearch"))
