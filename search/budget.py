@@ -50,7 +50,8 @@ def parse_budget(text: str) -> Budget:
         raise BudgetError(f"invalid budget {text!r}: unknown unit {m.group(2)!r} "
                           "(use GB, GiB, MB, MiB or bpw)")
     nbytes = int(value * _UNITS[unit])
-    return Budget(spec=f"{value:g}{m.group(2) or 'B'}", file_bytes=nbytes)
+    number = f"{int(value)}" if value.is_integer() else f"{value:g}"  # 105455000B, not 1.05455e+08B
+    return Budget(spec=f"{number}{m.group(2) or 'B'}", file_bytes=nbytes)
 
 
 def expand_budgets(specs) -> list[str]:

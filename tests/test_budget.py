@@ -56,3 +56,8 @@ def test_bad_budget_ranges_are_clear_errors(bad):
 
     with pytest.raises(BudgetError, match="invalid budget"):
         expand_budgets([bad])
+
+
+def test_byte_budgets_are_named_without_exponents():
+    assert parse_budget("105455000").spec == "105455000B"  # not 1.05455e+08B (a run's file name)
+    assert parse_budget("100.0MB").spec == "100MB" and parse_budget("1.5GB").spec == "1.5GB"
