@@ -123,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--untied", action="store_true", help="a separate output.weight")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer-from", type=Path, help="copy tokenizer.* keys from this GGUF")
-    ap.add_argument("--dtype", default="F32", help="type of the 2-D tensors (F32, F16, BF16)")
+    ap.add_argument("--dtype", default="F32", type=str.upper, choices=["F32", "F16", "BF16"],
+                    help="type of the 2-D tensors (default: %(default)s)")
     a = ap.parse_args(argv)
     shape = Shape(a.layers, a.embd, a.ff, a.heads, a.kv_heads, a.vocab, not a.untied)
-    path = write_synthetic_model(a.out, shape, a.seed, a.tokenizer_from, QT[a.dtype.upper()])
+    path = write_synthetic_model(a.out, shape, a.seed, a.tokenizer_from, QT[a.dtype])
     print(f"{path}: {shape.n_params() / 1e6:.1f}M parameters, {path.stat().st_size / 1e6:.1f} MB")
     return 0
 
