@@ -12,7 +12,9 @@ once (printing ``ready`` with their SHA-256 and how long one write takes), then 
 
 Forking from this warmed-up process makes a kill cost milliseconds instead of a new interpreter.
 It needs numba's ``workqueue`` threading layer (the test sets NUMBA_THREADING_LAYER): GNU OpenMP
-does not survive a fork.
+does not survive a fork. And tqdm's default write lock is a cross-process semaphore that forked
+children share: a child SIGKILLed while holding it (tqdm takes it even with ``disable=True``) would
+block every later child forever, so each process gets a lock of its own.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
+
+import tqdm
 
 from dynsearch.atomic import atomic_write_text
 from dynsearch.recipes import schema
@@ -69,6 +74,7 @@ def writer(kind: str, dest: Path, source: str):
 
 
 def main() -> None:
+    tqdm.tqdm.set_lock(threading.RLock())  # per process: a fork copies it, nothing is shared
     kind, dest = sys.argv[1], Path(sys.argv[2])
     write = writer(kind, dest, sys.argv[3] if len(sys.argv) > 3 else "")
     hashes, took = {}, []

@@ -61,9 +61,15 @@ class Writer:
 
     def close(self) -> None:
         if self.p.poll() is None:
-            self.p.stdin.write("quit\n")
-            self.p.stdin.flush()
-            self.p.wait(timeout=60)
+            try:
+                self.p.stdin.write("quit\n")
+                self.p.stdin.flush()
+                self.p.wait(timeout=60)
+            finally:  # a writer stuck on a child must not outlive the test, nor its child
+                if self.p.poll() is None:
+                    subprocess.run(["pkill", "-KILL", "-P", str(self.p.pid)], check=False)
+                    self.p.kill()
+                    self.p.wait()
 
 
 READERS = {"recipe": schema.load, "report": lambda p: json.loads(p.read_text()), "gguf": GGUFHeader}
