@@ -81,7 +81,7 @@ class BlockwiseForward:
 
     def _rope(self, il: int, n_ctx: int) -> Rope:
         cfg = self.cfg
-        base, scale = (cfg.rope_base_swa, 1.0) if cfg.is_swa(il) else (cfg.rope_base, cfg.rope_scale)
+        base, scale = (cfg.rope_base_swa, cfg.rope_scale_swa) if cfg.is_swa(il) else (cfg.rope_base, cfg.rope_scale)
         key = (n_ctx, base, scale)
         if key not in self._ropes:
             self._ropes[key] = Rope.build(n_ctx, cfg.n_rot, base, scale, self._rope_factors,
@@ -95,6 +95,8 @@ class BlockwiseForward:
             return None
         i = torch.arange(n_ctx, device=self.device)
         dist = i[:, None] - i[None, :]  # query position - key position
+        if self.cfg.swa_chunked:  # llama_hparams::is_masked_swa (CHUNKED): same chunk of w tokens
+            return (dist >= 0) & (i[:, None] // w == i[None, :] // w)
         return (dist >= 0) & (dist < w)  # llama_hparams::is_masked_swa (STANDARD)
 
     def run_block(self, il: int, hidden: torch.Tensor, overrides: Overrides | None = None,

@@ -36,14 +36,16 @@ from ..kernels import tensor_nbytes
 from ..objectives import calibration as cal
 from ..objectives.kl import perplexity_chunks
 from . import stock
-from .bench_report import Entry, format_table, plot_pareto, write_json
+from .bench_report import Entry, format_comparison, format_table, plot_pareto, write_json
 from .models import DEMO_ALIAS, resolve_model
 from .pipeline import DEFAULT_TYPES
 
 log = logging.getLogger(__name__)
 
 OURS_VERSION = 1
-BASELINES = ("uniform",)  # baselines implemented so far (knapsack-only and random feasible: to come)
+# uniform: one llama-quantize --pure file per type; knapsack: the proxy's knapsack optimum at each
+# stock mix's size (the search's seed, no Optuna stage); random: random feasible assignments there
+BASELINES = ("uniform", "knapsack", "random")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class BenchConfig:
     uniform_types: tuple[str, ...] = tuple(t for t in DEFAULT_TYPES if t != stock.SOURCE_FORMAT)
     with_dynsearch: bool = False  # dynsearch run at each stock mix's file size
     trials: int = 24  # Optuna trials per dynsearch budget
+    sweep: int = 0  # dynsearch also at this many sizes between the smallest and largest stock mix
+    n_random: int = 3  # random feasible assignments per stock mix size ("random" baseline)
+    run_eval_tokens: int = 1_024  # held-out tokens of each run's own recipe figure (the bench measures the file)
     out: str = "bench"  # folder for table, JSON and plot (files in the cache stay there)
     cache: str | None = None  # artifact cache root; None: $DYNSEARCH_CACHE/bench
 
@@ -177,6 +182,7 @@ def prepare(cfg: BenchConfig) -> Inputs:
     meta = {
         "model": str(model), "reference": str(ref), "llama_cpp_python": cache.version, "cache": str(cache.folder),
         "calibration": {"source": calib.description, "tokens": int(used.size), "text": str(calib_file),
+                        "tokens_sha256": cal._array_hash(np.ascontiguousarray(calib.tokens[:n_calib])),
                         "imatrix": str(imatrix), "retokenizes_identically": bool(calib_same)},
         "evaluation": {"text": str(eval_file), "chunks": int(chunks.shape[0]), "seq_len": cfg.seq_len,
                        "scored_tokens": int(chunks.shape[0] * (cfg.seq_len - 1 - cfg.seq_len // 2)),
@@ -215,19 +221,169 @@ def uniform_baseline(inp: Inputs, cfg: BenchConfig) -> list[Entry]:
                        f"uniform {t}", "uniform") for t in cfg.uniform_types]
 
 
-def dynsearch_at_sizes(inp: Inputs, cfg: BenchConfig, targets: dict[str, int]) -> list[Entry]:
-    """``dynsearch run`` on the reference at each ``{label: file bytes}`` budget, candidate types
-    without the source format; one entry per written GGUF, ``target`` naming the stock mix."""
-    from .pipeline import RunConfig, run
+def sweep_sizes(sizes: list[int], n: int) -> list[int]:
+    """``n`` file sizes spaced geometrically strictly between the smallest and largest of ``sizes``."""
+    if n <= 0 or not sizes:
+        return []
+    lo, hi = min(sizes), max(sizes)
+    if hi <= lo:
+        return []
+    return [int(round(lo * (hi / lo) ** (k / (n + 1)))) for k in range(1, n + 1)]
+
+
+def budget_spec(file_bytes: int) -> str:
+    """A ``dynsearch run --budget`` for a file of ``file_bytes`` bytes (MB, exact to the byte)."""
+    return f"{file_bytes / 1e6:.6f}MB"
+
+
+@dataclass
+class Searches:
+    """The dynsearch side: one prepared run (statistics and profiles shared) over every budget."""
+
+    prep: object  # pipeline.Prepared
+    labels: list[str]  # per budget: the stock mix it is sized for, or "<size>MB" for a sweep point
+    targets: list[str | None]  # per budget: the stock mix's label, None for a sweep point
+    imatrix: Path  # the run's imatrix.gguf: every dynsearch, knapsack and random file is written with it
+
+
+def prepare_searches(inp: Inputs, cfg: BenchConfig, targets: dict[str, int], sweep: list[int],
+                     progress: bool = True) -> Searches:
+    """``dynsearch run``'s preparation on the reference at the stock sizes and the sweep sizes:
+    the same calibration tokens as the stock mixes' imatrix (checked), candidate types without the
+    source format."""
+    from .pipeline import RunConfig, prepare, write_run_imatrix
 
     types = tuple(t for t in DEFAULT_TYPES if t != cfg.source_format)
-    rc = RunConfig(model=str(inp.ref), budgets=tuple(f"{b / 1e6:.6f}MB" for b in targets.values()), types=types,
-                   calib=cfg.calib, calib_tokens=cfg.calib_tokens, eval_tokens=cfg.eval_tokens,
+    sizes = [*targets.values(), *sweep]
+    rc = RunConfig(model=str(inp.ref), budgets=tuple(budget_spec(b) for b in sizes), types=types,
+                   calib=cfg.calib, calib_tokens=cfg.calib_tokens, eval_tokens=cfg.run_eval_tokens,
                    seq_len=cfg.seq_len, trials=cfg.trials, seed=cfg.seed, device=cfg.device,
                    out=str(Path(cfg.out) / "dynsearch"))
-    res = run(rc)
-    return [file_entry(p, f"dynsearch@{label}", "dynsearch", target=label)
-            for label, p in zip(targets, res.gguf_paths)]
+    prep = prepare(rc, progress)
+    if prep.calib_desc["sha256"] != inp.meta["calibration"]["tokens_sha256"]:
+        raise BenchError("dynsearch run's calibration tokens differ from the ones the stock mixes' imatrix was made on")
+    labels = [*targets, *(f"{b / 1e6:.1f}MB" for b in sweep)]
+    return Searches(prep, labels, [*targets, *([None] * len(sweep))], write_run_imatrix(prep))
+
+
+def _recipe_stem(prep, i: int) -> Path:
+    from .pipeline import _slug
+
+    return prep.run_dir / f"{_slug(prep.model_path.stem)}-{_slug(prep.budgets[i].spec)}"
+
+
+def dynsearch_at_sizes(s: Searches, progress: bool = True) -> list[Entry]:
+    """Search every budget (the study resumes) and write its recipe and GGUF, as ``dynsearch run``
+    does; a budget whose study gained no trial and whose GGUF exists is taken as it is."""
+    from . import worker
+    from .pipeline import RunResult, finish_budget, open_budget_study
+
+    prep, out = s.prep, []
+    result = RunResult(imatrix_path=s.imatrix)
+    for i, (label, target) in enumerate(zip(s.labels, s.targets)):
+        study = open_budget_study(prep, i)
+        ran = worker.work(study, prep.space, prep.settings(i), prep.kl_of, progress=progress)
+        gguf = _recipe_stem(prep, i).with_suffix(".gguf")
+        if ran or not gguf.is_file():
+            finish_budget(prep, i, study, result, progress)
+            gguf = result.gguf_paths[-1]
+        out.append(file_entry(gguf, f"dynsearch@{label}", "dynsearch", target=target))
+    return out
+
+
+def write_assignment(s: Searches, choice: np.ndarray, path: Path, kind: str, budget_index: int) -> Path:
+    """The GGUF of one assignment of the searched tensors (the rest as the run fixes them), written
+    as ``dynsearch apply`` writes a recipe, with the run's imatrix; kept if it exists."""
+    if path.is_file():
+        return path
+    import datetime as _dt
+
+    from .. import __version__
+    from ..recipes import schema
+    from ..recipes.apply import ImatrixFile, apply_recipe
+    from .profile import padded
+
+    prep = s.prep
+    assignment = {**prep.fixed, **prep.space.assignment(choice)}
+    assignment = {n: assignment[n] for n in prep.names}
+    tensor_bytes = sum(padded(tensor_nbytes(prep.source.shape(n), t)) for n, t in assignment.items())
+    n_params = int(sum(int(np.prod(prep.source.shape(n))) for n in prep.names))
+    budget = prep.budgets[budget_index]
+    recipe = schema.Recipe(
+        name=f"{kind}-{budget.spec}", model=schema.ModelInfo(prep.model_path.stem, prep.source.config.arch,
+                                                             prep.model_key, n_params),
+        tensors=assignment, budget={"spec": budget.spec, "bytes": budget.file_bytes, "bpw": budget.bpw},
+        achieved={"tensor_bytes": tensor_bytes, "bpw": round(8.0 * tensor_bytes / n_params, 4)},
+        calibration=prep.calib_desc, search={"baseline": kind, "proxy": prep.space.proxy_of(choice)},
+        created=_dt.date.today().isoformat(), dynsearch_version=__version__)
+    return apply_recipe(recipe, prep.model_path, path, importance=ImatrixFile.read(s.imatrix), progress=False)
+
+
+def _assignment_path(inp: Inputs, s: Searches, kind: str, choice: np.ndarray) -> Path:
+    from .space import choice_key
+
+    return inp.cache.path(kind, choice_key(choice), stock.file_sha256(s.imatrix), s.prep.space.fingerprint(),
+                          suffix=".gguf")
+
+
+def knapsack_baseline(inp: Inputs, s: Searches, dyn: list[Entry]) -> list[Entry]:
+    """The proxy's knapsack optimum at each stock mix's size -- the search's seed trial, without the
+    Optuna stage -- written with the run's imatrix (the dynsearch file itself when they coincide)."""
+    prep, out = s.prep, []
+    dyn_by_label = {e.target: e for e in dyn if e.target}
+    for i, (label, target) in enumerate(zip(s.labels, s.targets)):
+        if target is None:
+            continue
+        choice = prep.space.solve(prep.tensor_budgets[i])
+        d = dyn_by_label.get(target)
+        same = d is not None and _assignment_of(d.path, prep) == prep.space.assignment(choice)
+        path = d.path if same else write_assignment(s, choice, _assignment_path(inp, s, "knapsack", choice),
+                                                     "knapsack", i)
+        out.append(file_entry(path, f"knapsack@{label}", "knapsack", target=target,
+                              note="= dynsearch's file" if same else ""))
+    return out
+
+
+def _assignment_of(path: Path, prep) -> dict[str, str]:
+    from ..objectives.gguf_header import GGUFHeader
+
+    searched = set(prep.space.names)
+    return {n: t.qtype.name for n, t in GGUFHeader(path).tensors.items() if n in searched}
+
+
+def random_baseline(inp: Inputs, s: Searches, n: int, seed: int) -> list[Entry]:
+    """``n`` random feasible assignments at each stock mix's size (random types, repaired down to the
+    budget, randomly filled back up: ``proxy_check.random_feasible``), written with the run's imatrix."""
+    from .proxy_check import random_feasible
+
+    prep, out = s.prep, []
+    for i, (label, target) in enumerate(zip(s.labels, s.targets)):
+        if target is None:
+            continue
+        for k in range(n):
+            rng = np.random.default_rng([seed, prep.tensor_budgets[i], k])
+            choice = random_feasible(prep.space, prep.tensor_budgets[i], rng)
+            path = write_assignment(s, choice, _assignment_path(inp, s, "random", choice), "random", i)
+            out.append(file_entry(path, f"random{k + 1}@{label}", "random", target=target))
+    return out
+
+
+def imatrix_agreement(ours: Path, theirs: Path) -> dict:
+    """How far the run's imatrix (our activations) is from llama-imatrix's on the same tokens: the
+    worst per-tensor relative L1 difference over the tensors both hold."""
+    from ..recipes.apply import ImatrixFile
+
+    a, b = ImatrixFile.read(ours), ImatrixFile.read(theirs)
+    worst, name, n = 0.0, "", 0
+    for t in a.data.entries:
+        va, vb = a.get(t), b.get(t)
+        if va is None or vb is None or va.shape != vb.shape:
+            continue
+        n += 1
+        d = float(np.abs(va - vb).sum() / max(np.abs(vb).sum(), 1e-30))
+        if d > worst:
+            worst, name = d, t
+    return {"tensors_compared": n, "worst_relative_l1": worst, "worst_tensor": name}
 
 
 # ----------------------------------------------------------------------------------- measurement
@@ -262,6 +418,13 @@ def measure_ours(inp: Inputs, entries: list[Entry], cfg: BenchConfig, progress: 
         atomic_write_text(path, json.dumps(e.ours, indent=1))
 
 
+def measure(inp: Inputs, entries: list[Entry], cfg: BenchConfig, progress: bool = True) -> None:
+    """Both measures of every entry (each cached per file)."""
+    measure_llama(inp, entries, cfg.threads)
+    if cfg.ours:
+        measure_ours(inp, entries, cfg, progress)
+
+
 # ------------------------------------------------------------------------------------------- run
 
 
@@ -270,18 +433,30 @@ def run_quality(cfg: BenchConfig, progress: bool = True) -> tuple[list[Entry], d
     unknown = set(cfg.baselines) - set(BASELINES)
     if unknown:
         raise BenchError(f"unknown baseline(s) {', '.join(sorted(unknown))}; available: {', '.join(BASELINES)}")
+    if ({"knapsack", "random"} & set(cfg.baselines)) and not cfg.with_dynsearch:
+        raise BenchError("the knapsack and random baselines come from dynsearch's profiled search space: "
+                         "add --with-dynsearch")
     t0 = time.perf_counter()
     inp = prepare(cfg)
     entries = stock_entries(inp, cfg)
     if "uniform" in cfg.baselines:
         entries += uniform_baseline(inp, cfg)
+    measure(inp, entries, cfg, progress)
+    extra: dict = {}
     if cfg.with_dynsearch:
         sizes = {e.label: e.file_bytes for e in entries if e.kind == "stock"}
-        entries += dynsearch_at_sizes(inp, cfg, sizes)
-    measure_llama(inp, entries, cfg.threads)
-    if cfg.ours:
-        measure_ours(inp, entries, cfg, progress)
-    meta = {**inp.meta, "config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1)}
+        s = prepare_searches(inp, cfg, sizes, sweep_sizes(list(sizes.values()), cfg.sweep), progress)
+        extra["imatrix_agreement"] = imatrix_agreement(s.imatrix, inp.imatrix)
+        stages = [lambda: dynsearch_at_sizes(s, progress)]
+        if "knapsack" in cfg.baselines:
+            stages.append(lambda: knapsack_baseline(inp, s, [e for e in entries if e.kind == "dynsearch"]))
+        if "random" in cfg.baselines:
+            stages.append(lambda: random_baseline(inp, s, cfg.n_random, cfg.seed))
+        for stage in stages:  # each stage measured before the next, so that every finished file is cached
+            new = stage()
+            measure(inp, new, cfg, progress)
+            entries += new
+    meta = {**inp.meta, **extra, "config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "quality.json", entries, meta)
@@ -309,6 +484,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--uniform-types", default=",".join(d.uniform_types))
     ap.add_argument("--with-dynsearch", action="store_true", help="dynsearch run at each stock mix's size")
     ap.add_argument("--trials", type=int, default=d.trials, help="Optuna trials per dynsearch budget")
+    ap.add_argument("--sweep", type=int, default=d.sweep,
+                    help="dynsearch also at N sizes spaced geometrically between the smallest and largest stock mix")
+    ap.add_argument("--random", type=int, default=d.n_random, dest="n_random",
+                    help="random feasible assignments per stock mix size (--baselines random)")
+    ap.add_argument("--run-eval-tokens", type=int, default=d.run_eval_tokens,
+                    help="held-out tokens of each dynsearch run's own recipe figure (every file is measured anyway)")
     ap.add_argument("--out", default=d.out, help="folder for quality.json and quality.png")
     ap.add_argument("--cache", default=None, help="artifact cache (default: $DYNSEARCH_CACHE/bench)")
 
@@ -323,7 +504,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                    calib=args.calib, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
                    seq_len=args.seq_len, threads=args.threads, device=args.device, ours=not args.no_ours,
                    baselines=_split(args.baselines), uniform_types=_split(args.uniform_types),
-                   with_dynsearch=args.with_dynsearch, trials=args.trials, out=args.out, cache=args.cache)
+                   with_dynsearch=args.with_dynsearch, trials=args.trials, sweep=args.sweep, n_random=args.n_random,
+                   run_eval_tokens=args.run_eval_tokens, out=args.out, cache=args.cache)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -342,6 +524,10 @@ def main(args: argparse.Namespace) -> int:
           f"{ev['scored_tokens']} scored (second half of each chunk); imatrix on {meta['calibration']['tokens']} "
           f"calibration tokens")
     print(format_table(entries))
+    if any(e.kind == "dynsearch" for e in entries):
+        print("\ndynsearch's best file of equal or smaller size against each stock mix (* : targets 0.70x mean, "
+              "0.80x 99% KLD; others: not worse):")
+        print(format_comparison(entries))
     print(f"\nwrote {Path(cfg.out) / 'quality.json'} and {Path(cfg.out) / 'quality.png'}")
     return 0
 

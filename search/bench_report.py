@@ -92,6 +92,99 @@ def format_table(entries: Sequence[Entry]) -> str:
     return "\n".join(lines)
 
 
+# Issue 7's targets: dynsearch at equal or smaller size than each of these stock mixes must reach at
+# most these fractions of the mix's mean and 99% KLD (and be no worse than any stock mix).
+TARGET_MIXES = ("Q3_K_M", "Q4_0", "Q4_K_M", "IQ4_NL", "IQ4_XS", "Q5_K_M", "Q6_K")
+TARGET_MEAN, TARGET_P99 = 0.70, 0.80
+SIDES = (("ours", "ours"), ("llama", "llama.cpp"))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One stock mix against dynsearch's best file of equal or smaller size, and the baselines made
+    at the mix's size (ratios: their statistic over the mix's, by each measure)."""
+
+    stock: Entry
+    dynsearch: Entry | None  # lowest mean KLD (ours, else llama.cpp's) among dynsearch files <= the mix's size
+    knapsack: Entry | None
+    random: list[Entry]
+    targeted: bool  # one of TARGET_MIXES: the 0.70x / 0.80x targets apply
+
+    def ratio(self, e: Entry | None, side: str, key: str = "kld_mean") -> float | None:
+        if e is None:
+            return None
+        a, b = getattr(e, side).get(key), getattr(self.stock, side).get(key)
+        return a / b if a is not None and b else None
+
+    def verdict(self, side: str) -> str:
+        """``met`` / ``not met (...)`` against the targets for a targeted mix, else ``not worse`` /
+        ``worse (...)`` (both mean and 99% KLD no larger than the mix's); ``-`` when unmeasured."""
+        m, p = self.ratio(self.dynsearch, side), self.ratio(self.dynsearch, side, "kld_p99")
+        if m is None or p is None:
+            return "-" if self.dynsearch is not None else "no file"
+        lm, lp = (TARGET_MEAN, TARGET_P99) if self.targeted else (1.0, 1.0)
+        misses = [f"{name} {r:.2f}x" for name, r, lim in (("mean", m, lm), ("99%", p, lp)) if r > lim]
+        if self.targeted:
+            return "met" if not misses else f"not met ({', '.join(misses)})"
+        return "not worse" if not misses else f"worse ({', '.join(misses)})"
+
+
+def _best(entries: Sequence[Entry]) -> Entry | None:
+    def key(e: Entry) -> float:
+        v = e.ours.get("kld_mean", e.llama.get("kld_mean"))
+        return math.inf if v is None else v
+
+    return min(entries, key=key, default=None)
+
+
+def comparisons(entries: Sequence[Entry], targets: Sequence[str] = TARGET_MIXES) -> list[Comparison]:
+    """Per stock mix (by size): the best dynsearch file no larger than it, its knapsack and random
+    baselines."""
+    out = []
+    for s in sorted((e for e in entries if e.kind == "stock"), key=lambda e: e.file_bytes):
+        dyn = _best([e for e in entries if e.kind == "dynsearch" and e.file_bytes <= s.file_bytes])
+        knap = next((e for e in entries if e.kind == "knapsack" and e.target == s.label), None)
+        rnd = [e for e in entries if e.kind == "random" and e.target == s.label]
+        out.append(Comparison(s, dyn, knap, rnd, s.label in targets))
+    return out
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def format_comparison(entries: Sequence[Entry], targets: Sequence[str] = TARGET_MIXES) -> str:
+    """Markdown table, one row per stock mix: dynsearch's best file of equal or smaller size, its mean
+    and 99% KLD as ratios of the mix's by both measures, a verdict per measure (targets 0.70x mean
+    and 0.80x 99% for the targeted mixes, marked *, else "not worse"), and the
+    knapsack-only and random baselines at the mix's size as mean-KLD ratios (random: best / mean of
+    the draws)."""
+    head = ["stock mix", "size MB", "mean KLD (ours, llama.cpp)", "dynsearch file", "size MB",
+            "mean KLD (ours, llama.cpp)", "mean ratio (ours, llama.cpp)", "99% ratio (ours, llama.cpp)",
+            "verdict ours", "verdict llama.cpp", "knapsack mean ratio (ours, llama.cpp)",
+            "random mean ratio best / avg (ours)", "random mean ratio best / avg (llama.cpp)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def both(e: Entry, key: str = "kld_mean") -> str:
+        return ", ".join(_fmt(key, getattr(e, side).get(key)) for side, _ in SIDES)
+
+    for c in comparisons(entries, targets):
+        s, d = c.stock, c.dynsearch
+
+        def rat(e: Entry, key: str = "kld_mean") -> str:
+            return ", ".join(_x(c.ratio(e, side, key)) for side, _ in SIDES)
+
+        cells = [s.label + (" *" if c.targeted else ""), f"{s.file_bytes / 1e6:.1f}", both(s)]
+        cells += [d.label, f"{d.file_bytes / 1e6:.1f}", both(d), rat(d), rat(d, "kld_p99")] if d else ["-"] * 5
+        cells += [c.verdict(side) for side, _ in SIDES]
+        cells.append(rat(c.knapsack) if c.knapsack else "-")
+        for side, _ in SIDES:
+            rs = [r for r in (c.ratio(e, side) for e in c.random) if r is not None]
+            cells.append(f"{min(rs):.2f}x / {sum(rs) / len(rs):.2f}x" if rs else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_json(path: Path, entries: Sequence[Entry], meta: dict) -> Path:
     """``{"meta": ..., "entries": [...]}``, written atomically."""
     doc = {"meta": meta, "entries": [e.to_dict() for e in ordered(entries)]}
@@ -105,7 +198,7 @@ def read_json(path: Path) -> tuple[list[Entry], dict]:
 
 def plot_pareto(path: Path, entries: Sequence[Entry], title: str = "") -> Path:
     """PNG: file size (MB) against mean KLD (log scale), llama.cpp's measure filled, ours hollow;
-    one colour per kind, each kind's points joined in size order."""
+    one colour per kind, each kind's points joined in size order (random draws: points only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,7 +213,8 @@ def plot_pareto(path: Path, entries: Sequence[Entry], title: str = "") -> Path:
             if not pts:
                 continue
             xs, ys = [x for x, _ in pts], [getattr(e, side)["kld_mean"] for _, e in pts]
-            ax.plot(xs, ys, "-" if filled else ":", marker="o", color=colours[kind], alpha=0.9,
+            style = "none" if kind == "random" else "-" if filled else ":"  # random draws: points only
+            ax.plot(xs, ys, linestyle=style, marker="o", color=colours[kind], alpha=0.9,
                     markerfacecolor=colours[kind] if filled else "none",
                     label=f"{kind} ({'llama.cpp' if filled else 'ours'})")
             if filled:

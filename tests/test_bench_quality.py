@@ -14,7 +14,8 @@ import pytest
 from dynsearch.errors import BenchError
 from dynsearch.search import bench_quality as bq
 from dynsearch.search import stock
-from dynsearch.search.bench_report import Entry, format_table, plot_pareto, read_json, write_json
+from dynsearch.search.bench_report import (Entry, comparisons, format_comparison, format_table, plot_pareto,
+                                           read_json, write_json)
 
 
 def _stats(mean: float, p99: float, mx: float, same: float) -> dict[str, float]:
@@ -88,10 +89,172 @@ def test_tool_text_round_trip(tmp_path):
 def test_bad_inputs_give_one_line_errors(tmp_path):
     with pytest.raises(BenchError, match="unknown baseline"):
         bq.run_quality(bq.BenchConfig(baselines=("nope",), out=str(tmp_path)))
+    with pytest.raises(BenchError, match="add --with-dynsearch"):
+        bq.run_quality(bq.BenchConfig(baselines=("knapsack",), out=str(tmp_path)))
     txt = tmp_path / "model.txt"
     txt.write_text("not a model")
     with pytest.raises(BenchError, match="needs a GGUF file"):
         bq.prepare(bq.BenchConfig(model=str(txt)))
+
+
+def test_sweep_sizes_are_geometric_and_strictly_between():
+    sizes = [90_000_000, 160_000_000, 100_000_000]
+    sw = bq.sweep_sizes(sizes, 3)
+    assert len(sw) == 3 and 90_000_000 < sw[0] < sw[1] < sw[2] < 160_000_000
+    ratios = [sw[0] / 90e6, sw[1] / sw[0], sw[2] / sw[1], 160e6 / sw[2]]
+    assert max(ratios) - min(ratios) < 1e-6  # equal steps in log size
+    assert bq.sweep_sizes(sizes, 0) == [] and bq.sweep_sizes([5, 5], 2) == [] and bq.sweep_sizes([], 2) == []
+    assert bq.budget_spec(105_455_123) == "105.455123MB"
+
+
+def _cmp_entries(tmp_path: Path) -> list[Entry]:
+    p = tmp_path / "x.gguf"
+    S = _stats
+    return [
+        Entry("Q3_K_M", "stock", p, 93_000_000, 5.4, ours=S(0.10, 0.80, 3, 0.8), llama=S(0.12, 0.9, 3, 0.8)),
+        Entry("Q4_K_M", "stock", p, 105_000_000, 6.2, ours=S(0.04, 0.30, 1, 0.9), llama=S(0.045, 0.36, 1, 0.9)),
+        Entry("Q8_0", "stock", p, 145_000_000, 8.5, ours=S(0.0016, 0.012, 0.07, 0.98), llama=S(0.005, 0.03, 0.1, 0.96)),
+        # made for Q3_K_M's size: meets the targets by ours, not by llama.cpp's 99%
+        Entry("dynsearch@Q3_K_M", "dynsearch", p, 92_900_000, 5.4, target="Q3_K_M",
+              ours=S(0.05, 0.50, 2, 0.85), llama=S(0.07, 0.80, 2, 0.84)),
+        # a sweep point smaller than Q4_K_M and better than the file made for Q4_K_M: it is the one compared
+        Entry("dynsearch@100.0MB", "dynsearch", p, 100_000_000, 5.9, ours=S(0.02, 0.2, 1, 0.9), llama=S(0.03, 0.25, 1, 0.9)),
+        Entry("dynsearch@Q4_K_M", "dynsearch", p, 104_900_000, 6.1, target="Q4_K_M",
+              ours=S(0.025, 0.2, 1, 0.9), llama=S(0.03, 0.25, 1, 0.9)),
+        # a file larger than Q4_K_M and much better: never compared with Q4_K_M
+        Entry("dynsearch@Q8_0", "dynsearch", p, 144_000_000, 8.4, target="Q8_0",
+              ours=S(0.0020, 0.010, 0.05, 0.98), llama=S(0.006, 0.02, 0.1, 0.96)),
+        Entry("knapsack@Q4_K_M", "knapsack", p, 104_900_000, 6.1, target="Q4_K_M",
+              ours=S(0.03, 0.25, 1, 0.9), llama=S(0.036, 0.3, 1, 0.9)),
+        Entry("random1@Q4_K_M", "random", p, 104_000_000, 6.1, target="Q4_K_M", ours=S(0.08, 1, 1, 0.8), llama=S(0.09, 1, 1, 0.8)),
+        Entry("random2@Q4_K_M", "random", p, 104_500_000, 6.1, target="Q4_K_M", ours=S(0.12, 1, 1, 0.8), llama=S(0.09, 1, 1, 0.8)),
+    ]
+
+
+def test_comparison_picks_best_dynsearch_file_no_larger_than_the_mix(tmp_path):
+    cs = {c.stock.label: c for c in comparisons(_cmp_entries(tmp_path))}
+    assert [c.stock.label for c in comparisons(_cmp_entries(tmp_path))] == ["Q3_K_M", "Q4_K_M", "Q8_0"]
+    assert cs["Q3_K_M"].dynsearch.label == "dynsearch@Q3_K_M"
+    assert cs["Q4_K_M"].dynsearch.label == "dynsearch@100.0MB"  # not the larger dynsearch@Q8_0
+    assert cs["Q8_0"].dynsearch.label == "dynsearch@Q8_0"
+    q3, q4, q8 = cs["Q3_K_M"], cs["Q4_K_M"], cs["Q8_0"]
+    assert q3.targeted and q4.targeted and not q8.targeted
+    assert q3.ratio(q3.dynsearch, "ours") == pytest.approx(0.5)
+    assert q3.verdict("ours") == "met"  # 0.50x mean, 0.62x 99%
+    assert q3.verdict("llama") == "not met (99% 0.89x)"  # 0.58x mean, 0.89x 99%
+    assert q4.verdict("ours") == "met" and q4.verdict("llama") == "met"
+    assert q8.verdict("ours") == "worse (mean 1.25x)" and q8.verdict("llama") == "worse (mean 1.20x)"
+    assert len(q4.random) == 2 and q4.knapsack.label == "knapsack@Q4_K_M"
+    table = format_comparison(_cmp_entries(tmp_path)).splitlines()
+    assert len(table) == 2 + 3
+    row = [c.strip() for c in table[3].split("|")[1:-1]]
+    assert row[0] == "Q4_K_M *" and row[3] == "dynsearch@100.0MB" and row[4] == "100.0"
+    assert row[6] == "0.50x, 0.67x" and row[8:10] == ["met", "met"]
+    assert row[10] == "0.75x, 0.80x"  # knapsack / stock
+    assert row[11] == "2.00x / 2.50x" and row[12] == "2.00x / 2.00x"  # random best / mean
+    assert [c.strip() for c in table[4].split("|")[1:-1]][0] == "Q8_0"  # untargeted: no mark
+
+
+def test_comparison_without_a_small_enough_dynsearch_file(tmp_path):
+    e = _cmp_entries(tmp_path)[:3]
+    c = comparisons(e)[0]
+    assert c.dynsearch is None and c.verdict("ours") == "no file"
+    assert "| - | - | - | - | - | no file | no file | - |" in format_comparison(e)
+
+
+# ------------------------------------------------------------------- baselines on a tiny model
+
+
+TINY_TYPES = ("Q4_0", "Q5_0", "Q8_0")
+
+
+@pytest.fixture(scope="module")
+def tiny_searches(tmp_path_factory):
+    """A :class:`bq.Searches` over a 1-layer synthetic llama (rows of 64: 32-blocks only), with an
+    imatrix file, as ``prepare_searches`` would make it for two budgets (one stock mix, one sweep point)."""
+    from types import SimpleNamespace
+
+    from dynsearch.kernels import tensor_nbytes
+    from dynsearch.objectives.gguf_source import GGUFSource
+    from dynsearch.objectives.imatrix import ImatrixData, ImatrixEntry, write_imatrix
+    from dynsearch.objectives.synthetic import Shape, write_synthetic_model
+    from dynsearch.search.budget import parse_budget
+    from dynsearch.search.profile import padded
+    from dynsearch.search.space import SearchSpace, layer_groups
+
+    d = tmp_path_factory.mktemp("baselines")
+    model = write_synthetic_model(d / "m.gguf", Shape(n_layer=1, n_embd=64, n_ff=128, n_head=4, n_head_kv=2,
+                                                      n_vocab=100), seed=1)
+    src = GGUFSource(model)
+    names = src.names()
+    searched = [n for n in names if len(src.shape(n)) == 2]
+    fixed = {n: "F32" for n in names if n not in searched}
+    rng = np.random.default_rng(0)
+    sizes = np.array([[padded(tensor_nbytes(src.shape(n), t)) for t in TINY_TYPES] for n in searched], dtype=np.int64)
+    errors = rng.uniform(0.5, 2, (len(searched), 1)) * np.array([[1.0, 0.3, 0.01]])
+    groups, gnames = layer_groups(searched, 1, 1)
+    space = SearchSpace(tuple(searched), TINY_TYPES, tuple((TINY_TYPES,) * len(searched)), sizes, errors, groups,
+                        tuple(gnames), int(sum(np.prod(src.shape(n)) for n in searched)))
+    lo, hi = space.min_size(), space.max_size()
+    tensor_budgets = [lo + (hi - lo) // 2, lo + (hi - lo) // 4]
+    imat = {n: ImatrixEntry(rng.uniform(0.1, 10, (1, src.shape(n)[-1])).astype(np.float32), np.ones(1, np.int64))
+            for n in searched}
+    imatrix = write_imatrix(d / "imatrix.gguf", ImatrixData(imat, ["t.txt"], 1, 8))
+    prep = SimpleNamespace(space=space, fixed=fixed, names=names, source=src, model_path=model, model_key="k" * 64,
+                           budgets=[parse_budget("1MB"), parse_budget("0.5MB")], tensor_budgets=tensor_budgets,
+                           calib_desc={"description": "test"})
+    s = bq.Searches(prep, ["Q4_0", "0.5MB"], ["Q4_0", None], imatrix)
+    inp = SimpleNamespace(cache=stock.BenchCache(d / "cache", "m" * 16, "0"))
+    (d / "cache").mkdir()
+    return inp, s
+
+
+def _types(path: Path) -> dict[str, str]:
+    r = gguf.GGUFReader(str(path))
+    return {t.name: t.tensor_type.name for t in r.tensors}
+
+
+def test_knapsack_baseline_is_the_seed_written_with_the_imatrix(tiny_searches):
+    from dynsearch.kernels import quantize
+    from dynsearch.recipes.apply import ImatrixFile
+
+    inp, s = tiny_searches
+    space = s.prep.space
+    (k,) = bq.knapsack_baseline(inp, s, [])  # the sweep point gets no baseline
+    assert (k.label, k.kind, k.target, k.note) == ("knapsack@Q4_0", "knapsack", "Q4_0", "")
+    seed = space.solve(s.prep.tensor_budgets[0])
+    types = _types(k.path)  # read back by gguf-py
+    assert {n: types[n] for n in space.names} == space.assignment(seed)
+    assert {n: types[n] for n in s.prep.fixed} == s.prep.fixed
+    assert len(set(space.assignment(seed).values())) > 1  # a real mix at this budget
+    # the data is what quantizing with the imatrix gives (and not what it gives without)
+    r = gguf.GGUFReader(str(k.path))
+    imat = ImatrixFile.read(s.imatrix)
+    name = next(n for n in space.names if types[n] != "Q8_0")
+    data = next(t for t in r.tensors if t.name == name).data.tobytes()
+    w = s.prep.source.load(name)
+    assert data == quantize(w, types[name], imat.get(name)).tobytes()
+    assert data != quantize(w, types[name]).tobytes()
+    # when dynsearch's own file holds the same assignment, that file is the knapsack entry
+    dyn = Entry("dynsearch@Q4_0", "dynsearch", k.path, k.file_bytes, k.bpw, target="Q4_0")
+    (k2,) = bq.knapsack_baseline(inp, s, [dyn])
+    assert k2.path == k.path and k2.note == "= dynsearch's file"
+
+
+def test_random_baseline_draws_feasible_distinct_reproducible_files(tiny_searches):
+    inp, s = tiny_searches
+    space, budget = s.prep.space, s.prep.tensor_budgets[0]
+    rs = bq.random_baseline(inp, s, 3, seed=0)
+    assert [(e.label, e.kind, e.target) for e in rs] == [(f"random{k}@Q4_0", "random", "Q4_0") for k in (1, 2, 3)]
+    choices = [space.choice_of({n: _types(e.path)[n] for n in space.names}) for e in rs]
+    assert len({c.tobytes() for c in choices}) == 3
+    seed = space.solve(budget)
+    for c in choices:
+        assert space.size_of(c) <= budget and space.proxy_of(c) >= space.proxy_of(seed)
+    mtimes = [e.path.stat().st_mtime_ns for e in rs]
+    again = bq.random_baseline(inp, s, 3, seed=0)  # same draws, the files are reused
+    assert [e.path for e in again] == [e.path for e in rs] and [e.path.stat().st_mtime_ns for e in again] == mtimes
+    assert [e.path for e in bq.random_baseline(inp, s, 1, seed=0)] == [rs[0].path]
 
 
 # ------------------------------------------------------------------------------ tiny real run
