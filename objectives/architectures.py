@@ -27,6 +27,14 @@ class ArchSpec:
     hf_architectures: tuple[str, ...] = ()  # config.json "architectures" entries that map here
     hf_permute_qk: bool = False  # convert_hf_to_gguf permutes q/k rows (LlamaModel.permute)
     hf_norm_shift: float = 0.0  # added to HF "*norm.weight" on conversion (Gemma3RMSNorm uses 1 + w)
+    # MoE routing (llm_graph_context::build_moe_ffn): "softmax" or "sigmoid" over the router logits
+    moe_gating: str = "softmax"
+    moe_norm_w: bool = False  # renormalise the selected experts' weights to sum to 1
+    moe_select_by_logits: bool = False  # top-k on the raw logits, not the gated probabilities (llama4)
+    moe_weight_before_ffn: bool = False  # scale the expert's input, not its output, by the weight (llama4)
+    moe_shared_expert: bool = False  # an always-on ffn_{gate,up,down}_shexp added to the routed sum
+    nope_layer_step: int = 0  # every n-th layer has no RoPE (llama4: 4); 0: RoPE everywhere
+    kq_l2_norm: bool = False  # weightless RMSNorm of q and k after RoPE, on RoPE layers (llama4)
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -39,6 +47,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("gemma3", rope_neox=True, activation="gelu_tanh", embed_scale=True,
                  sandwich_norm=True, qk_norm=True, swa_pattern=6, hf_norm_shift=1.0,
                  hf_architectures=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")),
+        # MoE: no hf_architectures yet (HF stores one tensor per expert; GGUF stacks them)
+        ArchSpec("qwen3moe", rope_neox=True, qk_norm=True, moe_gating="softmax", moe_norm_w=True),
+        ArchSpec("llama4", rope_neox=False, hf_permute_qk=True, moe_gating="sigmoid",
+                 moe_select_by_logits=True, moe_weight_before_ffn=True, moe_shared_expert=True,
+                 nope_layer_step=4, kq_l2_norm=True),  # chunked attention: see gguf_source
     )
 }
 

@@ -75,7 +75,14 @@ class Rope:
         return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def attn_temperature(cfg: ModelConfig, n_ctx: int, device) -> torch.Tensor:
+    """llm_graph_input_attn_temp: per position, 1 + scale * log(floor((pos + offset) / floor) + 1)."""
+    pos = torch.arange(n_ctx, dtype=torch.float32)
+    t = torch.log(torch.floor((pos + cfg.attn_temp_offset) / cfg.attn_temp_floor) + 1.0) * cfg.attn_temp_scale + 1.0
+    return t.to(device)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor | float, eps: float) -> torch.Tensor:
     """ggml_rms_norm then multiply by the weight (GGUF norms already hold Gemma's 1 + w)."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
@@ -101,7 +108,13 @@ def attention(spec: ArchSpec, cfg: ModelConfig, lw: LayerWeights, x: torch.Tenso
     if spec.qk_norm:
         q = rms_norm(q, lw["attn_q_norm.weight"], cfg.rms_eps)
         k = rms_norm(k, lw["attn_k_norm.weight"], cfg.rms_eps)
-    q, k, v = rope.apply(q).transpose(1, 2), rope.apply(k).transpose(1, 2), v.transpose(1, 2)
+    if cfg.uses_rope(lw.il):
+        q, k = rope.apply(q), rope.apply(k)
+        if cfg.kq_l2_norm:  # llama4's Llama4TextL2Norm: RMSNorm without a weight, after RoPE
+            q, k = rms_norm(q, 1.0, cfg.rms_eps), rms_norm(k, 1.0, cfg.rms_eps)
+    elif cfg.attn_temp_floor > 0:  # llama4's temperature tuning on no-RoPE layers
+        q = q * attn_temperature(cfg, T, q.device)[None, :, None, None]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if cfg.n_head != cfg.n_head_kv:  # GQA: each kv head serves n_head / n_head_kv query heads
         rep = cfg.n_head // cfg.n_head_kv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -116,17 +129,86 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def dense_ffn(spec: ArchSpec, lw: LayerWeights, x: torch.Tensor, capture: Capture | None) -> torch.Tensor:
-    """Gated FFN (LLM_FFN_PAR): down(act(gate(x)) * up(x))."""
+def dense_ffn(spec: ArchSpec, lw: LayerWeights, x: torch.Tensor, capture: Capture | None,
+              suffix: str = "") -> torch.Tensor:
+    """Gated FFN (LLM_FFN_PAR): down(act(gate(x)) * up(x)); ``suffix="_shexp"``: the shared expert."""
     act = _ACTIVATIONS[spec.activation]
-    h = act(linear(lw, "ffn_gate", x, capture)) * linear(lw, "ffn_up", x, capture)
-    return linear(lw, "ffn_down", h, capture)
+    h = act(linear(lw, "ffn_gate" + suffix, x, capture)) * linear(lw, "ffn_up" + suffix, x, capture)
+    return linear(lw, "ffn_down" + suffix, h, capture)
 
 
 def moe_ffn(spec: ArchSpec, cfg: ModelConfig, lw: LayerWeights, x: torch.Tensor,
             capture: Capture | None) -> torch.Tensor:
-    """Routed experts (ffn_gate_inp, ffn_{gate,up,down}_exps): not implemented yet."""
-    raise ModelError(f"{spec.name}: MoE blocks ({lw.full_name('ffn_gate_inp.weight')}) are not supported yet")
+    """Routed experts, as llm_graph_context::build_moe_ffn computes them, plus llama4's shared expert.
+
+    The router ``ffn_gate_inp`` (n_expert, d) scores every token; the top ``n_expert_used`` experts
+    (by the gated probability, or by the raw logit for llama4) each run a gated FFN from the stacks
+    ``ffn_{gate,up}_exps`` (n_expert, n_ff_exp, d) and ``ffn_down_exps`` (n_expert, d, n_ff_exp), and
+    their outputs are summed, weighted by the gate (softmax or sigmoid of the logits, renormalised
+    over the selection with ``moe_norm_w``); llama4 scales each expert's input instead of its output.
+    ``capture`` sees the router's and shared expert's inputs as plain linear inputs and, through its
+    optional ``experts(name, x, expert_ids, n_expert)`` method, each stack's inputs with the experts
+    every token was routed to (x: (N, d) one input for all selected experts, or (N, k, n_in)).
+    """
+    B, T, d = x.shape
+    xf = x.reshape(B * T, d)  # (N, d)
+    n_expert, k = cfg.n_expert, cfg.n_expert_used
+    logits = linear(lw, "ffn_gate_inp", xf, capture)  # (N, n_expert)
+    if logits.shape[-1] != n_expert:
+        raise ModelError(f"{lw.full_name('ffn_gate_inp.weight')} has {logits.shape[-1]} rows, "
+                         f"expected expert_count = {n_expert}")
+    probs = torch.softmax(logits, -1) if spec.moe_gating == "softmax" else torch.sigmoid(logits)
+    ids = torch.topk(logits if spec.moe_select_by_logits else probs, k, dim=-1).indices  # (N, k)
+    weights = probs.gather(1, ids)  # (N, k)
+    if spec.moe_norm_w:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(6.103515625e-5)
+    if spec.moe_weight_before_ffn:
+        xin = xf[:, None, :] * weights[..., None]  # (N, k, d): each slot's own input
+        x_exp = xin
+    else:
+        xin = xf[:, None, :].expand(-1, k, -1)
+        x_exp = xf
+    experts = getattr(capture, "experts", None)
+    if experts is not None:
+        experts(lw.full_name("ffn_gate_exps.weight"), x_exp, ids, n_expert)
+        experts(lw.full_name("ffn_up_exps.weight"), x_exp, ids, n_expert)
+    gate, up, down = lw["ffn_gate_exps.weight"], lw["ffn_up_exps.weight"], lw["ffn_down_exps.weight"]
+    act = _ACTIVATIONS[spec.activation]
+    h = xin.new_zeros((xf.shape[0], k, gate.shape[1]))  # (N, k, n_ff_exp)
+    flat_ids = ids.reshape(-1)
+    rows = [(e, (flat_ids == e).nonzero()[:, 0]) for e in torch.unique(flat_ids).tolist()]
+    xin_flat = xin.reshape(-1, d)
+    h_flat = h.reshape(-1, h.shape[-1])
+    on_expert = getattr(capture, "on_expert_output", None)  # output hooks (the Fisher pass)
+    parts = []
+    for e, r in rows:
+        xe = xin_flat[r]
+        g, u = F.linear(xe, gate[e]), F.linear(xe, up[e])
+        if on_expert is not None:
+            on_expert(lw.full_name("ffn_gate_exps.weight"), e, n_expert, g)
+            on_expert(lw.full_name("ffn_up_exps.weight"), e, n_expert, u)
+        parts.append(act(g) * u)
+    if parts:
+        h_flat = h_flat.index_put((torch.cat([r for _, r in rows]),), torch.cat(parts))
+    h = h_flat.view(xf.shape[0], k, -1)
+    if experts is not None:
+        experts(lw.full_name("ffn_down_exps.weight"), h, ids, n_expert)
+    out_flat = xf.new_zeros((xf.shape[0] * k, d))
+    outs = []
+    for e, r in rows:
+        y = F.linear(h_flat[r], down[e])
+        if on_expert is not None:
+            on_expert(lw.full_name("ffn_down_exps.weight"), e, n_expert, y)
+        outs.append(y)
+    if outs:
+        out_flat = out_flat.index_put((torch.cat([r for _, r in rows]),), torch.cat(outs))
+    y = out_flat.view(-1, k, d)
+    if not spec.moe_weight_before_ffn:
+        y = y * weights[..., None]
+    out = y.sum(1)
+    if spec.moe_shared_expert:
+        out = out + dense_ffn(spec, lw, xf, capture, suffix="_shexp")
+    return out.view(B, T, d)
 
 
 def block(spec: ArchSpec, cfg: ModelConfig, lw: LayerWeights, h: torch.Tensor, rope: Rope,

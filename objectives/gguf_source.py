@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -121,11 +122,21 @@ def config_from_gguf(header: GGUFHeader, n_vocab: int) -> ModelConfig:
         swa_layers = (tuple(bool(x) for x in pattern) if isinstance(pattern, list)
                       else swa_layers_from_pattern(n_layer, _number(pattern, what("attention.sliding_window_pattern"), int, 0)))
 
+    moe = _moe_config(arch, n_layer, count, key, lambda k: what(k))
+    if arch == "llama4":  # llama_model_llama4::load_arch_hparams: chunked attention, 3 of 4 layers
+        if key("attention.sliding_window") is not None and sliding_window == 0:
+            raise ModelError(f"{header.path.name}: llama4 without chunked attention "
+                             "(attention.sliding_window = 0) is not supported")
+        sliding_window = 8192  # llama.cpp ignores the stored value: chunks of 8192 tokens
+        pattern = key("attention.sliding_window_pattern", 4)
+        swa_layers = (tuple(bool(x) for x in pattern) if isinstance(pattern, list)
+                      else swa_layers_from_pattern(n_layer, _number(pattern, what("attention.sliding_window_pattern"), int, 0)))
+
     attn_scale = real("attention.scale", 0.0)
     if arch == "gemma3":  # llama_model_gemma3::load_arch_hparams: only the 27B scales by d / n_head
         attn_scale = 1.0 / np.sqrt(n_embd / n_head if n_layer == 62 else head_dim)
 
-    return ModelConfig(
+    cfg = ModelConfig(
         arch=arch,
         n_layer=n_layer,
         n_embd=n_embd,
@@ -144,6 +155,28 @@ def config_from_gguf(header: GGUFHeader, n_vocab: int) -> ModelConfig:
         swa_layers=swa_layers,
         attn_scale=float(attn_scale),
         final_logit_softcap=real("final_logit_softcapping", 0.0),
-        n_expert=count("expert_count", 0),
-        n_expert_used=count("expert_used_count", 0),
+        rope_scale_swa=(1.0 / factor if factor else 1.0) if arch == "llama4" else 1.0,
+        **moe,
     )
+    if arch == "llama4":
+        cfg = dataclasses.replace(cfg, rope_base_swa=real("rope.freq_base_swa", cfg.rope_base))
+    return cfg
+
+
+def _moe_config(arch: str, n_layer: int, count, key, what) -> dict[str, Any]:
+    """The MoE and llama4 fields of ModelConfig (load_arch_hparams of qwen3moe / llama4)."""
+    spec = architecture(arch)
+    n_expert, n_expert_used = count("expert_count", 0), count("expert_used_count", 0)
+    out: dict[str, Any] = dict(n_expert=n_expert, n_expert_used=n_expert_used)
+    if arch in ("qwen3moe", "llama4"):
+        if n_expert == 0 or n_expert_used == 0 or n_expert_used > n_expert:
+            raise ModelError(f"{what('expert_count')} = {n_expert}, expert_used_count = {n_expert_used}: "
+                             f"{arch} needs 0 < expert_used_count <= expert_count")
+        out["n_ff_exp"] = _per_layer(key("expert_feed_forward_length", 0), n_layer,
+                                     what("expert_feed_forward_length"))
+    if spec.nope_layer_step:
+        out["nope_layers"] = tuple((il + 1) % spec.nope_layer_step == 0 for il in range(n_layer))
+    if arch == "llama4":
+        out.update(kq_l2_norm=n_expert != 128,  # use_kq_norm: off for the 17B-128E model only
+                   swa_chunked=True, attn_temp_floor=8192, attn_temp_scale=0.1, attn_temp_offset=1.0)
+    return out

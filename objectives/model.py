@@ -23,7 +23,7 @@ from .errors import ModelError
 class ModelConfig:
     """Hyper-parameters of a decoder-only transformer, in llama.cpp's terms (GGUF metadata)."""
 
-    arch: str  # GGUF architecture: "llama", "qwen2", "qwen3", "gemma3"
+    arch: str  # GGUF architecture: "llama", "qwen2", "qwen3", "gemma3", "qwen3moe", "llama4"
     n_layer: int  # transformer blocks
     n_embd: int  # hidden size d
     n_ff: int  # width of the dense feed-forward layer
@@ -43,6 +43,15 @@ class ModelConfig:
     final_logit_softcap: float = 0.0  # logits = c * tanh(logits / c) where > 0
     n_expert: int = 0  # experts per MoE layer; 0: dense model
     n_expert_used: int = 0  # experts routed to per token
+    n_ff_exp: int = 0  # width of one expert's feed-forward layer (expert_feed_forward_length)
+    swa_chunked: bool = False  # the sliding_window layers attend within chunks of that size (llama4)
+    rope_scale_swa: float = 1.0  # linear position scale of sliding-window layers
+    nope_layers: tuple[bool, ...] = ()  # per layer, True where RoPE is skipped (llama4's every 4th)
+    kq_l2_norm: bool = False  # weightless RMSNorm of q and k on RoPE layers (llama4's use_kq_norm)
+    # attention temperature of no-RoPE layers (llama4): q *= 1 + scale * log(floor((pos + offset) / floor) + 1)
+    attn_temp_floor: int = 0  # 0: off
+    attn_temp_scale: float = 0.0
+    attn_temp_offset: float = 0.0
     extra: dict = field(default_factory=dict, compare=False)  # arch-specific leftovers, read-only
 
     @property
@@ -51,6 +60,9 @@ class ModelConfig:
 
     def is_swa(self, il: int) -> bool:
         return self.sliding_window > 0 and bool(self.swa_layers) and self.swa_layers[il]
+
+    def uses_rope(self, il: int) -> bool:
+        return not (self.nope_layers and self.nope_layers[il])
 
 
 @runtime_checkable
