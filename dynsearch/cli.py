@@ -43,7 +43,8 @@ def _run_config(args: argparse.Namespace):
                      calib=args.calib, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
                      search_tokens=args.search_tokens, fisher_tokens=args.fisher_tokens,
                      seed=args.seed, workers=args.workers, out=args.out, device=args.device,
-                     write_gguf=not getattr(args, "no_gguf", False), **extra)
+                     write_gguf=not getattr(args, "no_gguf", False), cache=args.cache,
+                     joblib_backend=args.joblib_backend, dask_scheduler=args.dask_scheduler, **extra)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -132,8 +133,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     url = args.storage or os.environ.get(STORAGE_ENV)
     if not url:
         raise DynsearchError(f"worker: give --storage URL (or set {STORAGE_ENV})")
+    from .search.worker import Local
+
     r = join(url, args.study_name, max_trials=args.trials, timeout=args.timeout,
-             progress=not args.quiet)
+             progress=not args.quiet, local=Local(args.joblib_backend, args.dask_scheduler, args.cache))
     print(f"worker: ran {r.ran} trials on {r.study_name!r} in {redact(url)}; "
           f"{r.complete} complete of {r.requested} requested")
     return 0
@@ -144,6 +147,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from .search.storage import open_storage
 
     print(format_table(storage_status(open_storage(args.storage), args.study_name)))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .search.plots import make_plots
+
+    for path in make_plots(args.study, args.output, storage=args.storage, study_name=args.study_name,
+                           budget=args.budget):
+        print(path)
     return 0
 
 
@@ -164,10 +176,24 @@ def _model_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--search-tokens", type=int, default=2_048)
     s.add_argument("--eval-tokens", type=int, default=8_192)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=int, default=1, help="threads for profiling")
+    s.add_argument("--workers", type=int, default=1,
+                   help="profiling threads (--joblib-backend threading) or processes (loky)")
     s.add_argument("--out", default="runs", help="output folder (default: %(default)s)")
+    s.add_argument("--cache", help="statistics and profile cache folder, shared by workers on other "
+                                   "machines when on a shared disk (default: OUT/cache)")
+    _cluster_options(s)
     s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cluster_options(s: argparse.ArgumentParser) -> None:
+    """Where profiling runs (run, proxy-check, worker)."""
+    s.add_argument("--joblib-backend", default="threading", choices=["threading", "loky", "dask"],
+                   help="profile tensors in threads here, in loky processes here, or on a Dask "
+                        "cluster (default: %(default)s)")
+    s.add_argument("--dask-scheduler", metavar="ADDRESS",
+                   help="Dask scheduler for --joblib-backend dask, e.g. tcp://head:8786 "
+                        "(default: $DYNSEARCH_DASK_SCHEDULER)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trials", type=_positive_int, help="at most this many trials from this process "
                                                         "(default: until the study has its count)")
     s.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    s.add_argument("--cache", help="the run's cache folder as this machine mounts it "
+                                   "(default: the path the run stored)")
+    _cluster_options(s)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_worker)
     s = sub.add_parser("status", help="progress and best so far of the studies in a storage")
@@ -209,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "journal:///...)")
     s.add_argument("--study-name", help="one study (default: all)")
     s.set_defaults(func=_cmd_status)
+    s = sub.add_parser("plot", help="PNG plots of a run: Pareto front of its trials, per-layer type heatmap")
+    s.add_argument("study", nargs="?", help="a run folder (its study.db and recipes), or a recipe .yaml "
+                                            "(heatmap only)")
+    s.add_argument("--storage", help="the studies' storage URL, as for `dynsearch status`")
+    s.add_argument("--study-name", help="one study (default: all in the storage)")
+    s.add_argument("--budget", help="only the study of this budget (e.g. 100MB)")
+    s.add_argument("-o", "--output", help="folder for the PNGs (default: the run folder, or the "
+                                          "recipe's folder; the current folder with --storage alone)")
+    s.set_defaults(func=_cmd_plot)
     s = sub.add_parser("apply", help="write a recipe's GGUF from a source GGUF (our kernels)")
     s.add_argument("recipe", help="recipe YAML")
     s.add_argument("model", help="source .gguf (F32/F16/BF16, or quantized: dequantized first)")
