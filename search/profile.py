@@ -46,6 +46,13 @@ class TensorStats:
     importance: np.ndarray | None = None  # (in,) imatrix vector given to the quantizer
     row_weight: np.ndarray | None = None  # (rows,) lookup frequency of each row (embeddings)
     fisher_col: np.ndarray | None = None  # (in,) Fisher of what a looked-up row feeds
+    # MoE expert stacks (search/moe.py): per expert, the diagonal input second moment over the
+    # tokens routed to it / all tokens (n_expert, in); fisher_out is then per expert (n_expert, out)
+    xdiag: np.ndarray | None = None
+    expert_counts: np.ndarray | None = None  # (n_expert,) tokens routed to each expert (report)
+
+
+ERROR_CHUNK_BYTES = 16 << 20  # rows of dW processed at once by quant_error (bounds its temporaries)
 
 
 def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
@@ -67,6 +74,29 @@ def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
     return total
 
 
+def quantize_tensor(w: np.ndarray, qtype: str, importance: np.ndarray | None) -> np.ndarray:
+    """GGUF blocks of ``w`` (..., n_per_row), each matrix of a 3-D expert stack quantized with its
+    own slice of a per-expert importance vector (n_mat * n_per_row), as llama-quantize does."""
+    n_per_row = w.shape[-1]
+    rows = np.ascontiguousarray(w.reshape(-1, n_per_row), dtype=np.float32)
+    if importance is None or np.size(importance) == n_per_row:
+        return quantize(rows, qtype, importance)
+    n_mat = np.size(importance) // n_per_row
+    if n_mat * n_per_row != np.size(importance) or rows.shape[0] % n_mat:
+        raise ValueError(f"importance of {np.size(importance)} values does not fit a tensor of shape {w.shape}")
+    imp = np.asarray(importance, dtype=np.float32).reshape(n_mat, n_per_row)
+    return np.concatenate([quantize(m, qtype, i) for m, i in zip(rows.reshape(n_mat, -1, n_per_row), imp)])
+
+
+def tensor_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
+    """:func:`quant_error`, or for an MoE expert stack its per-expert error (search/moe.py)."""
+    if stats.xdiag is not None:
+        from .moe import expert_error
+
+        return expert_error(w, dq, stats.xdiag, stats.fisher_out)
+    return quant_error(w, dq, stats)
+
+
 def profile_tensor(w: np.ndarray, types: list[str], stats: TensorStats) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(written types, padded sizes, errors) of ``w`` (rows, n_per_row) for each candidate type.
 
@@ -81,8 +111,8 @@ def profile_tensor(w: np.ndarray, types: list[str], stats: TensorStats) -> tuple
         eff = effective_type(t, n_per_row).name
         if eff not in done:
             imp = stats.importance if stats.importance is not None else None
-            dq = dequantize(quantize(w2, eff, imp), eff, n_per_row)
-            done[eff] = (padded(tensor_nbytes(w2.shape, eff)), quant_error(w2, dq, stats))
+            dq = dequantize(quantize_tensor(w2, eff, imp), eff, n_per_row)
+            done[eff] = (padded(tensor_nbytes(w2.shape, eff)), tensor_error(w2, dq, stats))
         written.append(eff)
         sizes.append(done[eff][0])
         errors.append(done[eff][1])
