@@ -29,3 +29,8 @@ class BenchError(DynsearchError, RuntimeError):
 
 class StorageError(DynsearchError, ValueError):
     """An Optuna storage URL is malformed or unreachable, or a study in it cannot be used."""
+
+
+class ClusterError(DynsearchError, RuntimeError):
+    """Work cannot be sent to a cluster: the Dask scheduler is unreachable or has no workers,
+    the ``distributed`` package is missing, or a worker cannot read the model or the cache."""

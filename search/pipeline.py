@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -26,7 +25,9 @@ from ..kernels import effective_type, parse_qtype, tensor_nbytes
 from ..recipes import schema
 from . import worker
 from .budget import Budget, check_reachable, parse_budget
-from .profile import GGUF_ALIGNMENT, ProfileCache, TensorStats, padded, profile_tensor
+from .cluster import ProfileBackend, check_backend, probe
+from .profile import (GGUF_ALIGNMENT, ProfileCache, ProfileJob, TensorStats, padded, profile_tensor,
+                      profile_tensors)
 from .space import SearchSpace, layer_groups
 from .storage import open_storage
 from .study import SearchSettings, best_result, open_study
@@ -61,6 +62,11 @@ class RunConfig:
     device: str = "cpu"
     write_gguf: bool = True
     cache: str | None = None  # profile cache folder; None: <out>/cache
+    joblib_backend: str = "threading"  # where profiling runs: threading, loky (processes), dask
+    dask_scheduler: str | None = None  # Dask scheduler address; None: $DYNSEARCH_DASK_SCHEDULER
+
+    def profile_backend(self) -> ProfileBackend:
+        return ProfileBackend(self.joblib_backend, self.workers, self.dask_scheduler)
 
 
 @dataclass
@@ -154,6 +160,7 @@ def check_config(cfg: RunConfig) -> None:
         raise DynsearchError(f"--calib {cfg.calib}: no such file")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise DynsearchError(f"--out {cfg.out}: exists and is not a folder")
+    check_backend(cfg.profile_backend())
     if cfg.storage is not None:
         open_storage(cfg.storage)
 
@@ -252,21 +259,21 @@ def load_stats(path: Path) -> dict[str, TensorStats] | None:
 
 
 def build_space(source, names: list[str], types: tuple[str, ...], stats: dict[str, TensorStats],
-                cache: ProfileCache, workers: int, progress: bool = True) -> SearchSpace:
+                cache: ProfileCache, backend: ProfileBackend | int = 1, progress: bool = True,
+                job: ProfileJob | None = None) -> SearchSpace:
+    """Profile every tensor (cache hits read, misses computed on ``backend``: threads here, or
+    ``job`` in loky processes or on a Dask cluster) into the search space."""
     types_l = [parse_qtype(t).name for t in types]
+    if isinstance(backend, int):
+        backend = ProfileBackend(n_jobs=backend)
 
     def one(name: str):
-        hit = cache.get(name, types_l)
-        if hit is not None:
-            return hit
-        w = source.load(name)
-        res = profile_tensor(w, types_l, stats.get(name, TensorStats()))
+        res = profile_tensor(source.load(name), types_l, stats.get(name, TensorStats()))
         cache.put(name, types_l, *res)
         return res
 
-    results = Parallel(n_jobs=workers, prefer="threads", return_as="generator")(
-        delayed(one)(n) for n in names)
-    rows = list(tqdm(results, total=len(names), desc="profile", disable=not progress, unit="tensor"))
+    rows = profile_tensors(names, types_l, cache, one, job, backend, lambda it, n: tqdm(
+        it, total=n, desc=f"profile ({backend.name})", disable=not progress, unit="tensor"))
     written = tuple(tuple(r[0]) for r in rows)
     sizes = np.stack([r[1] for r in rows])
     errors = np.stack([r[2] for r in rows])
@@ -291,6 +298,7 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     """Prepare, then for every budget: search (resuming its study) and write recipe + GGUF."""
     if cfg.storage:
         open_storage(cfg.storage)  # a bad URL or an unreachable server: an error before any work
+    probe(cfg.profile_backend())  # and so is an unreachable Dask scheduler
     prep = prepare(cfg, progress)
     result = RunResult(imatrix_path=write_run_imatrix(prep))
     for i in range(len(prep.budgets)):
@@ -410,7 +418,10 @@ def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
         stats = collect_statistics(forward, calib, fisher_t, cfg.seed, progress)
         save_stats(stats_path, stats)
     cache = ProfileCache((Path(cfg.cache) if cfg.cache else out / "cache") / "profile", model_key, stats_key)
-    space = build_space(source, searched, tuple(cfg.types), stats, cache, cfg.workers, progress)
+    job = ProfileJob(str(model_path.resolve()), model_key, str(stats_path.resolve()),
+                     str(cache.folder.resolve()), stats_key, tuple(parse_qtype(t).name for t in cfg.types))
+    space = build_space(source, searched, tuple(cfg.types), stats, cache, cfg.profile_backend(),
+                        progress, job)
 
     importance = {n: st.importance for n, st in stats.items()}
     return Prepared(cfg=cfg, model_path=model_path, source=source, model_key=model_key,
@@ -440,7 +451,7 @@ def config_to_json(cfg: RunConfig) -> str:
     d = asdict(cfg)
     d.update(model=model, calib=absolute(cfg.calib), out=absolute(cfg.out),
              cache=absolute(cfg.cache or str(Path(cfg.out) / "cache")), storage=None,
-             search_workers=1)
+             search_workers=1, joblib_backend="threading", dask_scheduler=None)  # per process
     return json.dumps(d, sort_keys=True)
 
 

@@ -15,17 +15,24 @@ one of the file that will be written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
 from ..atomic import atomic_open
+from ..errors import ClusterError
 from ..kernels import dequantize, effective_type, quantize, tensor_nbytes
+from .cluster import ProfileBackend, describe_error, joblib_backend
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +165,127 @@ class ProfileCache:
 
     def put(self, name: str, types: list[str], written, sizes, errors) -> None:
         key = self._key(name, types)
+        origin = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
         with atomic_open(self._path(key), "wb") as f:
-            np.savez(f, key=np.array(key), written=np.array(written), sizes=sizes, errors=errors)
+            np.savez(f, key=np.array(key), written=np.array(written), sizes=sizes, errors=errors,
+                     origin=np.array(origin))
+
+    def origin(self, name: str, types: list[str]) -> dict | None:
+        """Which process wrote an entry (host, pid, time); None when absent or unrecorded."""
+        path = self._path(self._key(name, types))
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return json.loads(str(z["origin"])) if "origin" in z.files else None
+        except (OSError, ValueError, KeyError):
+            return None
 
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiling many tensors: in threads of this process (statistics in memory), or as small jobs in
+# other processes -- loky here, or Dask workers anywhere -- that read everything from paths.
+
+ProfileRow = tuple[list[str], np.ndarray, np.ndarray]  # (written types, sizes, errors) of a tensor
+
+
+@dataclass(frozen=True)
+class ProfileJob:
+    """What any process needs to profile a tensor of a run: paths and keys, no arrays, so that a
+    task shipped to a loky process or a Dask worker is a few hundred bytes. The paths must be
+    readable there (on a cluster: a shared disk, mounted at the same path everywhere)."""
+
+    model_path: str  # absolute path of the .gguf file or Hugging Face folder
+    model_key: str  # its fingerprint (checked on the worker: a different file is an error)
+    stats_path: str  # the run's statistics .npz (pipeline.save_stats' layout)
+    cache_folder: str  # the profile cache every process shares
+    stats_key: str
+    types: tuple[str, ...]
+
+    def cache(self) -> ProfileCache:
+        return ProfileCache(self.cache_folder, self.model_key, self.stats_key)
+
+    def __call__(self, name: str) -> ProfileRow:
+        """Profile ``name`` (or read it from the cache), write the cache entry, return the row."""
+        cache, types = self.cache(), list(self.types)
+        hit = cache.get(name, types)
+        if hit is not None:  # another process got there first
+            return hit
+        source = _open_source(self.model_path, self.model_key)
+        row = profile_tensor(source.load(name), types, read_tensor_stats(self.stats_path, name))
+        cache.put(name, types, *row)
+        return row
+
+
+@functools.lru_cache(maxsize=4)
+def _open_source(path: str, model_key: str):
+    """The model at ``path``, opened once per process and checked to be the run's model."""
+    from ..objectives.model import open_model
+    from .pipeline import model_fingerprint
+
+    where = f"{socket.gethostname()} (pid {os.getpid()})"
+    if not Path(path).exists():
+        raise ClusterError(f"profiling worker on {where} cannot see the model {path}: put it on a "
+                           "disk every worker mounts at the same path")
+    if model_fingerprint(Path(path)) != model_key:
+        raise ClusterError(f"profiling worker on {where}: the model at {path} is not the run's "
+                           "(different bytes); every machine must see the same file")
+    return open_model(path)
+
+
+STATS_FIELDS = ("xtx", "fisher_out", "importance", "row_weight", "fisher_col", "xdiag", "expert_counts")  # TensorStats fields
+
+
+def read_tensor_stats(path: str | Path, name: str) -> TensorStats:
+    """One tensor's statistics from the run's statistics file (only its members are read)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            found = {k: z[f"{name}|{k}"] for k in STATS_FIELDS if f"{name}|{k}" in z.files}
+    except OSError as e:
+        raise ClusterError(f"profiling worker on {socket.gethostname()} cannot read the statistics "
+                           f"file {path} ({e.strerror or type(e).__name__}): --cache must be on a "
+                           "disk every worker mounts at the same path") from None
+    for k, v in found.items():
+        if not np.isfinite(v).all():
+            raise ClusterError(f"statistics file {path}: {name}|{k} is not finite; delete it to recompute")
+    if "xtx" in found:
+        found["xtx"] = torch.from_numpy(found["xtx"])
+    return TensorStats(**found)
+
+
+def profile_tensors(names: list[str], types: list[str], cache: ProfileCache,
+                    local: Callable[[str], ProfileRow], job: ProfileJob | None,
+                    backend: ProfileBackend = ProfileBackend(),
+                    progress: Callable[[Iterable, int], Iterable] = lambda it, n: it) -> list[ProfileRow]:
+    """Rows of every tensor in ``names`` order. Cache hits are read here; the misses go to
+    ``backend``: ``local(name)`` in threads of this process, or ``job(name)`` in loky processes
+    or on the Dask cluster (which write the cache entries themselves)."""
+    from joblib import Parallel, delayed
+
+    rows: dict[str, ProfileRow] = {}
+    for n in names:
+        hit = cache.get(n, types)
+        if hit is not None:
+            rows[n] = hit
+    todo = [n for n in names if n not in rows]
+    log.info("profile: %d of %d tensors from the cache, %d to compute (%s)", len(rows), len(names),
+             len(todo), backend.name)
+    if todo:
+        fn = job if backend.remote else local
+        if fn is None:
+            raise ValueError(f"the {backend.name} backend needs a ProfileJob")
+        try:
+            with joblib_backend(backend) as kwargs:
+                out = Parallel(return_as="generator", **kwargs)(delayed(fn)(n) for n in todo)
+                for n, row in zip(todo, progress(out, len(todo))):
+                    rows[n] = row
+        except ClusterError:
+            raise
+        except Exception as e:
+            err = describe_error(backend, e)
+            if err is None:
+                raise
+            raise err from None
+    return [rows[n] for n in names]

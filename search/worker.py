@@ -87,8 +87,18 @@ def _lost_trial(study: optuna.Study, me: dict, before: set[int], err: Exception)
     return max(failed) if failed else None
 
 
+@dataclass(frozen=True)
+class Local:
+    """How this worker differs from the run that made the study: where it profiles any tensor
+    the shared cache lacks, and where that cache lies on this machine."""
+
+    joblib_backend: str = "threading"  # threading, loky or dask (--joblib-backend)
+    dask_scheduler: str | None = None  # None: $DYNSEARCH_DASK_SCHEDULER
+    cache: str | None = None  # the shared cache folder here; None: the run's path
+
+
 def join(storage_url: str, study_name: str, max_trials: int | None = None,
-         timeout: float | None = None, progress: bool = True) -> WorkerResult:
+         timeout: float | None = None, progress: bool = True, local: Local = Local()) -> WorkerResult:
     """``dynsearch worker``: join the study ``study_name`` made by ``dynsearch run``."""
     from .pipeline import BUDGET_INDEX_ATTR, N_TRIALS_ATTR, RUN_CONFIG_ATTR, config_from_json, prepare
 
@@ -98,7 +108,10 @@ def join(storage_url: str, study_name: str, max_trials: int | None = None,
     if text is None:
         raise StorageError(f"study {study_name!r} in {redact(storage_url)} was not made by "
                            "`dynsearch run` (no stored run configuration); start it with run first")
-    cfg = replace(config_from_json(text), storage=storage_url, timeout=timeout)
+    cfg = replace(config_from_json(text), storage=storage_url, timeout=timeout,
+                  joblib_backend=local.joblib_backend, dask_scheduler=local.dask_scheduler)
+    if local.cache:
+        cfg = replace(cfg, cache=str(Path(local.cache).expanduser().resolve()))
     index = int(stored.user_attrs.get(BUDGET_INDEX_ATTR, 0))
     requested = int(stored.user_attrs.get(N_TRIALS_ATTR, cfg.trials))
     cfg = replace(cfg, trials=requested)
