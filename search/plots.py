@@ -1,5 +1,5 @@
 """``dynsearch plot``: the Pareto front of a run's studies and the per-layer type heatmap of its
-recipes, as PNG files (matplotlib, Agg backend: no display needed).
+recipes, as PNG files (matplotlib figures of their own: no display needed, no pyplot state touched).
 
 The data preparation (:func:`load_plot_data`, :func:`pareto_front`, :func:`type_grid`) is separate
 from the drawing (:func:`plot_pareto`, :func:`plot_types`) so that it can be tested exactly.
@@ -294,23 +294,21 @@ def type_grid(recipe: schema.Recipe, show_f32: bool = False) -> TypeGrid:
 # Drawing
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A figure of its own (no pyplot, no global backend switch: safe in threads, in scripts
+    without a display and inside notebooks, whose inline backend stays as it is)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
 
 
 def save_png(fig, path: Path) -> Path:
-    """Write ``fig`` as PNG atomically and close it."""
-    plt = _pyplot()
+    """Write ``fig`` as PNG atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -322,10 +320,11 @@ def file_axis(data: Sequence[StudyData]) -> bool:
 
 def plot_pareto(path: str | Path, data: Sequence[StudyData], title: str = "") -> Path:
     """The Pareto PNG of one or more studies (see the module docstring)."""
-    plt = _pyplot()
+    from matplotlib import colormaps
+
     as_file = file_axis(data)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    colours = plt.get_cmap("tab10")
+    fig, ax = _figure(8, 5.5)
+    colours = colormaps["tab10"]
     front_pts = []
     for k, d in enumerate(data):
         c = colours(k % 10)
@@ -360,17 +359,17 @@ def plot_pareto(path: str | Path, data: Sequence[StudyData], title: str = "") ->
 
 def plot_types(path: str | Path, grid: TypeGrid, title: str = "") -> Path:
     """The type heatmap PNG of a :class:`TypeGrid`."""
-    plt = _pyplot()
+    from matplotlib import colormaps
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.patches import Patch
 
     n_types = len(grid.types)
-    palette = plt.get_cmap("viridis")(np.linspace(0.0, 1.0, max(n_types, 2)))[:n_types]
+    palette = colormaps["viridis"](np.linspace(0.0, 1.0, max(n_types, 2)))[:n_types]
     index = {t: i for i, t in enumerate(grid.types)}
     mat = np.ma.masked_invalid(np.array(
         [[np.nan if t is None else index[t] for t in row] for row in grid.cells], dtype=float))
     n_rows, n_cols = mat.shape
-    fig, ax = plt.subplots(figsize=(2.2 + 0.75 * n_cols, 1.6 + 0.22 * n_rows))
+    fig, ax = _figure(2.2 + 0.75 * n_cols, 1.6 + 0.22 * n_rows)
     cmap = ListedColormap(palette).with_extremes(bad="white")
     ax.imshow(mat, cmap=cmap, norm=BoundaryNorm(np.arange(n_types + 1) - 0.5, n_types), aspect="auto",
               interpolation="nearest")
