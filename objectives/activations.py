@@ -102,6 +102,11 @@ class ActivationStats:
                                           or self.config.second_moment_filter(name)):
             self._add_gram(name, xd)
 
+    def experts(self, name: str, x: torch.Tensor, expert_ids: torch.Tensor, n_expert: int) -> None:
+        """The MoE capture method :func:`~dynsearch.objectives.blocks.moe_ffn` calls for an expert
+        stack: ``x`` (n_tokens, n_cols) or (n_tokens, n_used, n_cols), ``expert_ids`` (n_tokens, n_used)."""
+        self._add_moe(name, x, expert_ids, n_expert)
+
     def _add_moe(self, name: str, x: torch.Tensor, ids: torch.Tensor, n_expert: int | None) -> None:
         if n_expert is None:
             raise ValueError(f"{name}: n_expert is needed with expert_ids")

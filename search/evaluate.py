@@ -72,8 +72,9 @@ class QuantizedWeights(Mapping):
         self.cache = cache
 
     def _quantized(self, name: str, qtype: str) -> np.ndarray:
-        w = self.source.load(name)
-        return quantize(w.reshape(-1, w.shape[-1]), qtype, self.importance(name))
+        from .profile import quantize_tensor
+
+        return quantize_tensor(self.source.load(name), qtype, self.importance(name))
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.assignment:

@@ -30,6 +30,8 @@ class _OutputGrads:
 
     def __init__(self, sums: dict[str, torch.Tensor]):
         self.sums = sums
+        self.expert_sums: dict[str, torch.Tensor] = {}  # MoE stack -> (n_expert, out) sum of g^2
+        self.expert_tokens: dict[str, torch.Tensor] = {}  # MoE stack -> (n_expert,) routed tokens
 
     def __call__(self, name: str, x: torch.Tensor) -> None:  # inputs are not needed here
         pass
@@ -43,6 +45,34 @@ class _OutputGrads:
             self.sums[name] = self.sums[name] + s if name in self.sums else s
 
         y.register_hook(hook)
+
+    def on_expert_output(self, name: str, expert: int, n_expert: int, y: torch.Tensor) -> None:
+        """Expert ``expert``'s outputs (its routed tokens, out) of the stack ``name``."""
+        if not y.requires_grad:
+            return
+        if name not in self.expert_sums:
+            self.expert_sums[name] = torch.zeros((n_expert, y.shape[-1]), dtype=torch.float64)
+            self.expert_tokens[name] = torch.zeros(n_expert, dtype=torch.float64)
+        self.expert_tokens[name][expert] += y.shape[0]
+
+        def hook(g: torch.Tensor, name=name, expert=expert):
+            self.expert_sums[name][expert] += g.detach().double().pow(2).sum(0).cpu()
+
+        y.register_hook(hook)
+
+    def expert_fisher(self) -> dict[str, np.ndarray]:
+        """Per MoE stack, (n_expert, out) mean g^2 over each expert's own routed tokens; experts no
+        token reached get the live experts' mean (:func:`~dynsearch.search.moe.fill_dead_experts`)."""
+        from .moe import fill_dead_experts
+
+        out = {}
+        for name, s in self.expert_sums.items():
+            c = self.expert_tokens[name]
+            mean = (s / c.clamp_min(1.0)[:, None]).numpy()
+            out[name] = fill_dead_experts(mean, c.numpy())
+        return out
+
+
 
 
 def _head_logits(forward, x_final: torch.Tensor, norm: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
@@ -108,6 +138,7 @@ def fisher_pass(forward, tokens: np.ndarray, seed: int = 0) -> Sensitivities:
 
     sens = Sensitivities(n_tokens=n)
     sens.fisher_out = {k: (v / n).cpu().numpy() for k, v in sums.items()}
+    sens.fisher_out.update(hooks.expert_fisher())
     sens.fisher_embed = (grad.double().pow(2).reshape(-1, grad.shape[-1]).sum(0) / n).cpu().numpy()
     sens.token_counts = np.bincount(tokens.reshape(-1), minlength=forward.cfg.n_vocab).astype(np.float64)
     return sens
