@@ -25,6 +25,7 @@ from ..kernels import effective_type, parse_qtype, tensor_nbytes
 from ..recipes import schema
 from . import worker
 from .budget import Budget, check_reachable, parse_budget
+from .moe import expert_second_moment, is_expert_stack, is_router, routing_table
 from .cluster import ProfileBackend, check_backend, probe
 from .profile import (GGUF_ALIGNMENT, ProfileCache, ProfileJob, TensorStats, padded, profile_tensor,
                       profile_tensors)
@@ -185,6 +186,9 @@ class _HeadGram:
         self.xtx = xd.T @ xd if self.xtx is None else self.xtx + xd.T @ xd
         self.n += xd.shape[0]
 
+    def experts(self, name, x, expert_ids, n_expert):  # MoE expert stacks (blocks.moe_ffn)
+        self.stats.experts(name, x, expert_ids, n_expert)
+
 
 def collect_statistics(forward, calib_tokens: np.ndarray, fisher_tokens: np.ndarray, seed: int,
                        progress: bool = True) -> dict[str, TensorStats]:
@@ -208,6 +212,12 @@ def collect_statistics(forward, calib_tokens: np.ndarray, fisher_tokens: np.ndar
     out: dict[str, TensorStats] = {}
     for name in stats.names:
         n = float(stats.count(name).sum())
+        if is_expert_stack(name):  # per-expert input statistics and routing counts (search/moe.py)
+            e = imat.entries[name]
+            out[name] = TensorStats(fisher_out=sens.fisher_out.get(name), importance=imat.importance(name),
+                                    xdiag=expert_second_moment(e.in_sum2, e.counts, n / cfg.n_expert_used),
+                                    expert_counts=e.counts.astype(np.float64))
+            continue
         out[name] = TensorStats(xtx=(stats.second_moment(name) / n).float().cpu(),
                                 fisher_out=sens.fisher_out.get(name),
                                 importance=imat.importance(name))
@@ -335,6 +345,7 @@ class Prepared:
     importance: dict  # tensor -> imatrix importance vector (or None)
     space: SearchSpace
     forward: object  # BlockwiseForward
+    routing: dict = field(default_factory=dict)  # MoE: tokens routed per expert per layer (report)
     _evaluator: object = None  # KLEvaluator on the search tokens, built on first use
     _quant_cache: object = None  # QuantCache shared by the trials of this process
 
@@ -385,6 +396,8 @@ def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
     for n in names_all:
         if len(source.shape(n)) < 2:
             fixed[n] = "F32"
+        elif is_router(n):  # MoE routers: kept as stored, as llama-quantize keeps them
+            fixed[n] = source.qtype(n).name
         else:
             for pat, t in keep:
                 if pat.search(n):
@@ -424,10 +437,12 @@ def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
                         progress, job)
 
     importance = {n: st.importance for n, st in stats.items()}
+    routing = routing_table({n: stats[n].expert_counts for n in searched if is_expert_stack(n) and n in stats})
     return Prepared(cfg=cfg, model_path=model_path, source=source, model_key=model_key,
                     run_dir=run_dir, names=names_all, fixed=fixed, budgets=budgets,
                     tensor_budgets=tensor_budgets, calib_desc=calib_desc, search_tokens=search_t,
-                    eval_tokens=eval_t, importance=importance, space=space, forward=forward)
+                    eval_tokens=eval_t, importance=importance, space=space, forward=forward,
+                    routing=routing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,7 +539,8 @@ def finish_budget(prep: Prepared, i: int, study, result: RunResult, progress: bo
                         "search_kl": best.value, "seed_kl": best.seed_value,
                         "heldout_mean_kl": ho.to_dict()["kld_mean"],
                         "heldout": ho.to_dict(), "types": recipe.types_histogram(),
-                        "recipe": str(rpath), "gguf": str(gpath) if gpath else None})
+                        "recipe": str(rpath), "gguf": str(gpath) if gpath else None,
+                        **({"moe_routing": prep.routing} if prep.routing else {})})
 
 
 def write_run_imatrix(prep: Prepared) -> Path:
