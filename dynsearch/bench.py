@@ -1,6 +1,7 @@
 """Benchmarks: ``python -m dynsearch.bench quality [MODEL]`` (llama.cpp's stock mixes vs the
-full-precision model, measured by llama-perplexity and by our forward side by side; see
-:mod:`dynsearch.search.bench_quality`)."""
+full-precision model, measured by llama-perplexity and by our forward side by side; with
+``--with-dynsearch`` dynsearch at each mix's size, ``--sweep N`` sizes between them, and
+``--baselines uniform,knapsack,random``; see :mod:`dynsearch.search.bench_quality`)."""
 
 from __future__ import annotations
 

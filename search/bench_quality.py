@@ -433,6 +433,10 @@ def run_quality(cfg: BenchConfig, progress: bool = True) -> tuple[list[Entry], d
     unknown = set(cfg.baselines) - set(BASELINES)
     if unknown:
         raise BenchError(f"unknown baseline(s) {', '.join(sorted(unknown))}; available: {', '.join(BASELINES)}")
+    for flag, v, least in (("--trials", cfg.trials, 1), ("--sweep", cfg.sweep, 0), ("--random", cfg.n_random, 1),
+                           ("--run-eval-tokens", cfg.run_eval_tokens, cfg.seq_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise BenchError(f"{flag} must be a whole number >= {least}, got {v!r}")
     if ({"knapsack", "random"} & set(cfg.baselines)) and not cfg.with_dynsearch:
         raise BenchError("the knapsack and random baselines come from dynsearch's profiled search space: "
                          "add --with-dynsearch")

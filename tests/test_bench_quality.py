@@ -91,6 +91,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         bq.run_quality(bq.BenchConfig(baselines=("nope",), out=str(tmp_path)))
     with pytest.raises(BenchError, match="add --with-dynsearch"):
         bq.run_quality(bq.BenchConfig(baselines=("knapsack",), out=str(tmp_path)))
+    for bad, msg in ((dict(sweep=-1), "--sweep must be a whole number >= 0"), (dict(n_random=0), "--random"),
+                     (dict(trials=0), "--trials"), (dict(run_eval_tokens=100), "--run-eval-tokens .* >= 512")):
+        with pytest.raises(BenchError, match=msg):
+            bq.run_quality(bq.BenchConfig(out=str(tmp_path), **bad))
     txt = tmp_path / "model.txt"
     txt.write_text("not a model")
     with pytest.raises(BenchError, match="needs a GGUF file"):
