@@ -314,7 +314,7 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     for i in range(len(prep.budgets)):
         study = open_budget_study(prep, i)
         helpers = worker.spawn(prep.storage_url(), study.study_name, cfg.search_workers - 1,
-                               prep.run_dir, cfg.timeout)
+                               prep.run_dir, cfg.timeout, cfg.profile_backend())
         try:
             worker.work(study, prep.space, prep.settings(i), prep.kl_of, progress=progress)
         finally:

@@ -23,6 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..errors import StorageError
+from .cluster import SCHEDULER_ENV, ProfileBackend
 from .space import SearchSpace
 from .storage import OWNER_ATTR, load_study, open_storage, redact, sweep_stale, this_worker
 from .study import SearchSettings, open_study, run_study
@@ -133,11 +134,15 @@ def join(storage_url: str, study_name: str, max_trials: int | None = None,
 
 
 def spawn(storage_url: str, study_name: str, n: int, log_dir: Path,
-          timeout: float | None = None) -> list[subprocess.Popen]:
+          timeout: float | None = None, backend: ProfileBackend = ProfileBackend()) -> list[subprocess.Popen]:
     """Start ``n`` ``dynsearch worker`` processes on a study; each logs to ``log_dir``. The URL
-    goes through the environment, so no password shows in the process list."""
+    goes through the environment, so no password shows in the process list; so does the Dask
+    scheduler's address, when the run profiles on one (the workers use the same backend)."""
     env = {**os.environ, STORAGE_ENV: storage_url}
-    argv = [sys.executable, "-m", "dynsearch", "worker", "--study-name", study_name, "--quiet"]
+    argv = [sys.executable, "-m", "dynsearch", "worker", "--study-name", study_name, "--quiet",
+            "--joblib-backend", backend.name]
+    if backend.name == "dask" and backend.address():
+        env[SCHEDULER_ENV] = backend.address()
     if timeout is not None:
         argv += ["--timeout", str(timeout)]
     procs = []

