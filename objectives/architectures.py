@@ -47,9 +47,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("gemma3", rope_neox=True, activation="gelu_tanh", embed_scale=True,
                  sandwich_norm=True, qk_norm=True, swa_pattern=6, hf_norm_shift=1.0,
                  hf_architectures=("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")),
-        # MoE: no hf_architectures yet (HF stores one tensor per expert; GGUF stacks them)
-        ArchSpec("qwen3moe", rope_neox=True, qk_norm=True, moe_gating="softmax", moe_norm_w=True),
-        ArchSpec("llama4", rope_neox=False, hf_permute_qk=True, moe_gating="sigmoid",
+        # MoE: HF's per-expert (qwen3moe) or fused gate_up (llama4) tensors are stacked as GGUF's
+        # ffn_*_exps by hf_source, as convert_hf_to_gguf.py does
+        ArchSpec("qwen3moe", rope_neox=True, qk_norm=True, moe_gating="softmax", moe_norm_w=True,
+                 hf_architectures=("Qwen3MoeForCausalLM",)),
+        # llama4: HF's RoPE already rotates consecutive pairs, so no q/k permutation (undo_permute = False)
+        ArchSpec("llama4", rope_neox=False, moe_gating="sigmoid",
+                 hf_architectures=("Llama4ForConditionalGeneration", "Llama4ForCausalLM"),
                  moe_select_by_logits=True, moe_weight_before_ffn=True, moe_shared_expert=True,
                  nope_layer_step=4, kq_l2_norm=True),  # chunked attention: see gguf_source
     )

@@ -3,13 +3,15 @@
 Names are mapped with gguf-py's ``TensorNameMap``, and each tensor gets the changes llama.cpp's
 ``convert_hf_to_gguf.py`` makes, so that the forward pass sees exactly what it would see in the
 converted GGUF file: q/k rows permuted for llama (``LlamaModel.permute``), ``+1`` on Gemma 3 norms,
-and llama-3 RoPE frequency factors as ``rope_freqs.weight``. Tensors are read one at a time
-through ``safetensors.safe_open`` (never ``torch.load``).
+and llama-3 RoPE frequency factors as ``rope_freqs.weight``; MoE experts are stacked as GGUF's
+``ffn_*_exps`` (see :mod:`.hf_moe`). Tensors are read one at a time through
+``safetensors.safe_open`` (never ``torch.load``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -25,13 +27,15 @@ from dynsearch.kernels import QT
 from .architectures import ArchSpec, architecture_for_hf, swa_layers_from_pattern
 from ..errors import DynsearchError
 from .errors import ModelError
+from .hf_moe import ExpertIndex, ExpertStack, moe_fields, n_expert_of
 from .model import ModelConfig, missing_tensor
 
 _DTYPES = {"F32": QT.F32, "F16": QT.F16, "BF16": QT.BF16}
 # Prefixes of the text model inside multimodal checkpoints (Gemma3ForConditionalGeneration).
 _PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
              ("language_model.lm_head.", "lm_head."))
-_SKIP = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_SKIP = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+         "vision_model.", "model.vision_model.")  # Gemma 3's and llama4's vision towers
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class _Entry:
     hf_name: str
     shape: tuple[int, ...]
     qtype: QT
+    stack: ExpertStack | None = None  # an MoE expert stack, built from one or many HF tensors
 
 
 class SafetensorsSource:
@@ -56,8 +61,9 @@ class SafetensorsSource:
                 hparams = {**hparams, **hparams["text_config"]}
             self.spec = architecture_for_hf(hparams.get("architectures") or [])
             n_layer = int(hparams["num_hidden_layers"])
+            experts = ExpertIndex(self.path, n_expert_of(self.spec, hparams), self.spec.name == "llama4")
         self.hparams = hparams
-        self._entries = self._index(gguf.get_tensor_name_map(_model_arch(self.spec.name), n_layer))
+        self._entries = self._index(gguf.get_tensor_name_map(_model_arch(self.spec.name), n_layer), experts)
         if "token_embd.weight" not in self._entries:
             raise missing_tensor(self.path.name, "token_embd.weight")
         with _config_errors(cfg_file):
@@ -83,7 +89,7 @@ class SafetensorsSource:
                 out.update({name: f for name in st.keys()})
         return out
 
-    def _index(self, tmap: gguf.TensorNameMap) -> dict[str, _Entry]:
+    def _index(self, tmap: gguf.TensorNameMap, experts: ExpertIndex) -> dict[str, _Entry]:
         entries: dict[str, _Entry] = {}
         by_file: dict[Path, list[str]] = {}
         for name, f in self._files().items():
@@ -96,14 +102,17 @@ class SafetensorsSource:
                     if hf_name.startswith(_SKIP):
                         continue
                     mapped = _strip_prefix(hf_name)
+                    sl = st.get_slice(hf_name)
+                    dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+                    if experts.offer(f, hf_name, mapped, shape, dtype):
+                        _check_dtype(f, hf_name, dtype)
+                        continue
                     gguf_name = tmap.get_name(mapped, try_suffixes=(".weight", ".bias"))
                     if gguf_name is None:
                         continue  # rotary inv_freq buffers and the like: not weights llama.cpp keeps
-                    sl = st.get_slice(hf_name)
-                    dtype = sl.get_dtype()
-                    if dtype not in _DTYPES:
-                        raise ModelError(f"{f.name}: tensor {hf_name} has dtype {dtype}, expected F32/F16/BF16")
-                    entries[gguf_name] = _Entry(f, hf_name, tuple(sl.get_shape()), _DTYPES[dtype])
+                    entries[gguf_name] = _Entry(f, hf_name, shape, _check_dtype(f, hf_name, dtype))
+        for gguf_name, stack in experts.stacks(lambda n: tmap.get_name(f"{n}.weight", try_suffixes=(".weight",))).items():
+            entries[gguf_name] = _Entry(stack.parts[0][0], stack.parts[0][1], stack.shape, _DTYPES[stack.dtype], stack)
         return entries
 
     def names(self) -> list[str]:
@@ -129,6 +138,8 @@ class SafetensorsSource:
         if name == "rope_freqs.weight" and self._rope_freqs is not None:
             return self._rope_freqs.copy()
         e = self._entry(name)
+        if e.stack is not None:
+            return e.stack.read(_open)
         with _open(e.file) as st:
             w = st.get_tensor(e.hf_name).float().numpy()
         return self._convert(name, np.ascontiguousarray(w, dtype=np.float32))
@@ -144,6 +155,12 @@ class SafetensorsSource:
         if self.spec.hf_norm_shift and name.endswith("norm.weight"):
             w = w + np.float32(self.spec.hf_norm_shift)
         return w
+
+
+def _check_dtype(f: Path, hf_name: str, dtype: str) -> QT:
+    if dtype not in _DTYPES:
+        raise ModelError(f"{f.name}: tensor {hf_name} has dtype {dtype}, expected F32/F16/BF16")
+    return _DTYPES[dtype]
 
 
 @contextlib.contextmanager
@@ -254,7 +271,7 @@ def config_from_hf(spec: ArchSpec, hp: dict[str, Any], n_vocab: int) -> ModelCon
             swa = swa_layers_from_pattern(n_layer, hp.get("sliding_window_pattern", spec.swa_pattern))
         attn_scale = hp.get("query_pre_attn_scalar", head_dim) ** -0.5
     local = (hp.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta")
-    return ModelConfig(
+    cfg = ModelConfig(
         arch=spec.name,
         n_layer=n_layer,
         n_embd=n_embd,
@@ -274,3 +291,6 @@ def config_from_hf(spec: ArchSpec, hp: dict[str, Any], n_vocab: int) -> ModelCon
         attn_scale=attn_scale,
         final_logit_softcap=hp.get("final_logit_softcapping") or 0.0,
     )
+    if n_expert_of(spec, hp):
+        cfg = dataclasses.replace(cfg, **moe_fields(spec, hp, n_layer, cfg.rope_base, cfg.rope_scale, "config.json"))
+    return cfg
