@@ -37,7 +37,7 @@ def _run_config(args: argparse.Namespace):
 
     types = tuple(t.strip() for t in args.types.split(",")) if args.types else DEFAULT_TYPES
     extra = {k: getattr(args, k) for k in ("trials", "timeout", "sampler", "storage", "study_name",
-                                           "search_workers") if hasattr(args, k)}
+                                           "search_workers", "group_experts") if hasattr(args, k)}
     budgets = tuple(dict.fromkeys(expand_budgets(args.budget)))  # ranges expanded, repeats once
     return RunConfig(model=args.model, budgets=budgets, types=types, keep=tuple(args.keep),
                      calib=args.calib, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trials", type=int, default=24, help="Optuna trials per budget (all workers)")
     s.add_argument("--timeout", type=float, help="seconds of search per budget for this process")
     s.add_argument("--sampler", default="tpe", choices=["tpe", "cmaes", "gp", "random"])
+    s.add_argument("--group-experts", default="kind", choices=["kind", "layer", "none"],
+                   help="MoE expert stacks (ffn_*_exps) sharing one search variable: all layers' "
+                        "stacks of a kind, a layer's three stacks, or none (per kind and layer band "
+                        "like other tensors) (default: %(default)s)")
     s.add_argument("--storage", help="Optuna storage URL (default: SQLite in the run folder)")
     s.add_argument("--study-name")
     s.add_argument("--search-workers", type=_positive_int, default=1, metavar="N",

@@ -29,7 +29,7 @@ from .moe import expert_second_moment, is_expert_stack, is_router, routing_table
 from .cluster import ProfileBackend, check_backend, probe
 from .profile import (GGUF_ALIGNMENT, ProfileCache, ProfileJob, TensorStats, padded, profile_tensor,
                       profile_tensors)
-from .space import SearchSpace, layer_groups
+from .space import DEFAULT_EXPERT_GROUPING, SearchSpace, layer_groups
 from .storage import open_storage
 from .study import SearchSettings, best_result, open_study
 
@@ -65,6 +65,7 @@ class RunConfig:
     cache: str | None = None  # profile cache folder; None: <out>/cache
     joblib_backend: str = "threading"  # where profiling runs: threading, loky (processes), dask
     dask_scheduler: str | None = None  # Dask scheduler address; None: $DYNSEARCH_DASK_SCHEDULER
+    group_experts: str = DEFAULT_EXPERT_GROUPING  # MoE expert stacks' search variables: kind, layer, none
 
     def profile_backend(self) -> ProfileBackend:
         return ProfileBackend(self.joblib_backend, self.workers, self.dask_scheduler)
@@ -270,9 +271,10 @@ def load_stats(path: Path) -> dict[str, TensorStats] | None:
 
 def build_space(source, names: list[str], types: tuple[str, ...], stats: dict[str, TensorStats],
                 cache: ProfileCache, backend: ProfileBackend | int = 1, progress: bool = True,
-                job: ProfileJob | None = None) -> SearchSpace:
+                job: ProfileJob | None = None, group_experts: str = DEFAULT_EXPERT_GROUPING) -> SearchSpace:
     """Profile every tensor (cache hits read, misses computed on ``backend``: threads here, or
-    ``job`` in loky processes or on a Dask cluster) into the search space."""
+    ``job`` in loky processes or on a Dask cluster) into the search space; ``group_experts``:
+    how MoE expert stacks share search variables (see :data:`.space.EXPERT_GROUPINGS`)."""
     types_l = [parse_qtype(t).name for t in types]
     if isinstance(backend, int):
         backend = ProfileBackend(n_jobs=backend)
@@ -287,7 +289,7 @@ def build_space(source, names: list[str], types: tuple[str, ...], stats: dict[st
     written = tuple(tuple(r[0]) for r in rows)
     sizes = np.stack([r[1] for r in rows])
     errors = np.stack([r[2] for r in rows])
-    groups, gnames = layer_groups(names, source.config.n_layer, n_bands=3)
+    groups, gnames = layer_groups(names, source.config.n_layer, n_bands=3, experts=group_experts)
     n_weights = int(sum(int(np.prod(source.shape(n))) for n in names))
     return SearchSpace(tuple(names), tuple(types_l), written, sizes, errors, groups, tuple(gnames), n_weights)
 
@@ -434,7 +436,7 @@ def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
     job = ProfileJob(str(model_path.resolve()), model_key, str(stats_path.resolve()),
                      str(cache.folder.resolve()), stats_key, tuple(parse_qtype(t).name for t in cfg.types))
     space = build_space(source, searched, tuple(cfg.types), stats, cache, cfg.profile_backend(),
-                        progress, job)
+                        progress, job, cfg.group_experts)
 
     importance = {n: st.importance for n, st in stats.items()}
     routing = routing_table({n: stats[n].expert_counts for n in searched if is_expert_stack(n) and n in stats})

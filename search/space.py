@@ -3,7 +3,8 @@
 A :class:`SearchSpace` is plain numeric data computed once by profiling; everything the search
 does afterwards (knapsack seeds, Optuna trials) is cheap arithmetic on it. Tensors are grouped by
 kind (``attn_q``, ``ffn_down``, ...) and by a band of layers, so that Optuna can move a few
-dozen sensitivity multipliers instead of hundreds of tensor types.
+dozen sensitivity multipliers instead of hundreds of tensor types. MoE expert stacks
+(``ffn_{gate,up,down}_exps``) can be grouped otherwise, see :data:`EXPERT_GROUPINGS`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import DynsearchError
 from . import knapsack
 
 _BLK = re.compile(r"^blk\.(\d+)\.(.+?)(?:\.weight)?$")
@@ -27,8 +29,28 @@ def tensor_kind(name: str) -> tuple[str, int]:
     return name.removesuffix(".weight"), -1
 
 
-def layer_groups(names: list[str], n_layer: int, n_bands: int) -> tuple[np.ndarray, list[str]]:
-    """Group index per tensor: (kind, band of layers); tensors outside blocks form their own."""
+_EXPS = re.compile(r"^ffn_(gate|up|down)_exps$")
+
+# How the expert stacks of an MoE model share search variables (log-multipliers):
+#   "kind"  - one per kind over all layers: ffn_gate_exps, ffn_up_exps, ffn_down_exps (3 in all)
+#   "layer" - one per layer for its three stacks: ffn_exps@L0, ffn_exps@L1, ... (n_layer in all)
+#   "none"  - like any other tensor: per kind and band of layers (3 x n_bands)
+# "kind" is the default: in a large MoE model the stacks hold almost all bytes, and the proxy
+# already ranks their experts and layers by routed statistics, so what its multipliers mainly
+# correct is the bias between gate/up (inside the SiLU product) and down (straight onto the
+# residual); 3 variables leave the study's few dozen trials to the attention groups, where
+# "layer" would add one per layer (48 for Qwen3-30B-A3B) and make a 24-trial TPE study close to
+# random sampling.
+EXPERT_GROUPINGS = ("kind", "layer", "none")
+DEFAULT_EXPERT_GROUPING = "kind"
+
+
+def layer_groups(names: list[str], n_layer: int, n_bands: int,
+                 experts: str = DEFAULT_EXPERT_GROUPING) -> tuple[np.ndarray, list[str]]:
+    """Group index per tensor: (kind, band of layers); tensors outside blocks form their own;
+    expert stacks as ``experts`` says (:data:`EXPERT_GROUPINGS`)."""
+    if experts not in EXPERT_GROUPINGS:
+        raise DynsearchError(f"expert grouping {experts!r}: expected one of {', '.join(EXPERT_GROUPINGS)}")
     keys: list[str] = []
     index: dict[str, int] = {}
     out = np.empty(len(names), dtype=np.int64)
@@ -36,6 +58,10 @@ def layer_groups(names: list[str], n_layer: int, n_bands: int) -> tuple[np.ndarr
         kind, layer = tensor_kind(name)
         if layer < 0:
             key = kind
+        elif experts == "kind" and _EXPS.match(kind):
+            key = kind
+        elif experts == "layer" and _EXPS.match(kind):
+            key = f"ffn_exps@L{layer}"
         else:
             band = min(n_bands - 1, layer * n_bands // max(1, n_layer))
             key = f"{kind}@{band}"
