@@ -52,6 +52,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .search.report import print_summary
 
     cfg = _run_config(args)
+    if args.estimate or not args.no_estimate:
+        from .search.cost import estimate_run
+
+        print(estimate_run(cfg).format(), flush=True)
+        if args.estimate:
+            return 0
     print_summary(cfg, run(cfg, progress=not args.quiet))
     return 0
 
@@ -217,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes scoring trials of each study together, this one included "
                         "(each loads the model; see also `dynsearch worker`)")
     s.add_argument("--no-gguf", action="store_true", help="write the recipe only")
+    s.add_argument("--estimate", "--dry-run", action="store_true",
+                   help="print the estimated time, memory and disk of the run on this machine, and exit")
+    s.add_argument("--no-estimate", action="store_true", help="do not print the estimate before the run")
     s.set_defaults(func=_cmd_run)
     s = sub.add_parser("proxy-check", help="rank correlation of the proxy with true KL over random "
                                            "feasible assignments")

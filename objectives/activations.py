@@ -164,6 +164,15 @@ class ActivationStats:
             raise KeyError(f"no second moment for {name} (second_moment off, filtered out, or never called)")
         return g.xtx
 
+    def has_second_moment(self, name: str) -> bool:
+        return input_group(name) in self._grams
+
+    def drop_second_moments(self, prefix: str) -> None:
+        """Free the ``X^T X`` of every input group whose name starts with ``prefix`` (a finished
+        layer's, ``blk.N.``, once read out): the matrices are the bulk of the statistics."""
+        for group in [g for g in self._grams if g.startswith(prefix)]:
+            del self._grams[group]
+
     def imatrix(self, datasets: Sequence[str], chunk_size: int) -> ImatrixData:
         """The statistics as llama-imatrix would save them after these chunks of ``chunk_size`` tokens."""
         entries = {n: ImatrixEntry(self._sum2[n].to(torch.float32).cpu().numpy(), self.count(n))

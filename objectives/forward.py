@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 Overrides = Mapping[str, "np.ndarray | torch.Tensor"]
 
+HEAD_BYTES = 128 << 20  # float32 logits of one head batch, at most (but always one sequence)
+
 
 class BlockwiseForward:
     """Runs one model's forward pass block by block on ``device`` ("cpu", "cuda", ...)."""
@@ -40,6 +42,7 @@ class BlockwiseForward:
         self.spec = architecture(self.cfg.arch)
         self.device = torch.device(device)
         self.batch_size = batch_size  # sequences per block call: bounds activation memory
+        self.head_bytes = HEAD_BYTES  # bounds the vocabulary-wide logits of one head batch
         names = source.names()
         self._block_names = [[n for n in names if n.startswith(f"blk.{il}.")] for il in range(self.cfg.n_layer)]
         self._has_output = "output.weight" in names
@@ -111,18 +114,27 @@ class BlockwiseForward:
                                                       rope, mask, capture)
         del lw
 
+    def head_batch(self, seq_len: int) -> int:
+        """Sequences per head batch: as many as ``batch_size`` whose (B, T, n_vocab) float32 logits
+        fit ``head_bytes``, at least one (a vocabulary-wide array per token is the largest
+        activation of a forward pass: 4 x 512 tokens x 49,152 logits is 400 MB)."""
+        per_seq = 4 * max(1, seq_len) * self.cfg.n_vocab
+        return max(1, min(self.batch_size, self.head_bytes // per_seq))
+
     def head(self, hidden: torch.Tensor, overrides: Overrides | None = None, capture: Capture | None = None,
              log_probs: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
-        """(start, logits (B, T, n_vocab)) per batch of sequences: output norm, lm head, softcap."""
+        """(start, logits (B, T, n_vocab)) per batch of sequences (:meth:`head_batch`): output
+        norm, lm head, softcap."""
         out_name = "output.weight" if self._has_output else "token_embd.weight"  # tied embeddings
         norm, w_out = self.weight("output_norm.weight", overrides), self.weight(out_name, overrides)
         cap = self.cfg.final_logit_softcap
-        for s in range(0, hidden.shape[0], self.batch_size):
+        hb = self.head_batch(hidden.shape[1])
+        for s in range(0, hidden.shape[0], hb):
             # inference mode only around the computation, never across the yield: a suspended
             # generator holding it would leak it to the caller (and two interleaved ones, as
             # in KL evaluation, would restore each other's state: grad mode left off)
             with torch.inference_mode():
-                x = rms_norm(hidden[s:s + self.batch_size], norm, self.cfg.rms_eps)
+                x = rms_norm(hidden[s:s + hb], norm, self.cfg.rms_eps)
                 if capture is not None:
                     capture(out_name, x.reshape(-1, x.shape[-1]))
                 logits = torch.nn.functional.linear(x, w_out)

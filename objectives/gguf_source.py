@@ -52,9 +52,27 @@ class GGUFSource:
         return self.header.tensors[name].qtype
 
     def raw(self, name: str) -> np.ndarray:
-        """The tensor's stored bytes (uint8, read-only view of the mapped file)."""
+        """The tensor's stored bytes (uint8), read from the file into a new array.
+
+        Read, not a view of the header's mapping: pages of a mapping stay resident (and count
+        in RSS) until memory runs short, so a model read tensor by tensor through it would
+        grow to the whole file; read pages live in the page cache, which the kernel drops first.
+        """
         self._check(name)
-        return self.header.data(name)
+        t = self.header.tensors[name]
+        out = np.empty(t.nbytes, dtype=np.uint8)
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(t.offset)
+                got = f.readinto(memoryview(out))
+                while got is not None and 0 < got < t.nbytes:  # short reads: keep going
+                    more = f.readinto(memoryview(out)[got:])
+                    got = got + more if more else None
+        except OSError as e:
+            raise ModelError(f"{self.path}: cannot read tensor {name!r} ({e.strerror or e})") from None
+        if got != t.nbytes:
+            raise ModelError(f"{self.path}: tensor {name!r} is cut short (file changed or truncated?)")
+        return out
 
     def load(self, name: str) -> np.ndarray:
         shape = self.shape(name)

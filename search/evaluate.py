@@ -21,16 +21,30 @@ from ..kernels import dequantize, quantize
 from ..objectives.kl import KLAccumulator, mean_kl
 
 
+KL_CHUNK_BYTES = 16 << 20  # float32 (tokens, n_vocab) rows scored at once by mean_kl
+CACHE_MAX_BYTES = 2 << 30  # QuantCache's default ceiling
+CACHE_SHARE = 8  # ... and at most this fraction (1/8) of the memory the process may use
+
+
+def default_cache_bytes() -> int:
+    """QuantCache's default size: 2 GiB, or an eighth of the memory limit where that is less
+    (cgroup, ulimit or RAM: :func:`~dynsearch.search.memory.memory_limit`)."""
+    from .memory import memory_limit
+
+    return int(min(CACHE_MAX_BYTES, memory_limit() // CACHE_SHARE))
+
+
 class QuantCache:
     """Quantized bytes of (tensor, type) pairs, least recently used dropped past ``max_bytes``.
 
     Trials of a search share most of their (tensor, type) pairs; keeping the compact quantized
     form (not the float weights) lets each true-KL evaluation skip re-quantizing them, for about
-    the size of the quantized model per type in memory at most.
+    the size of the quantized model per type in memory at most; ``max_bytes`` defaults to
+    :func:`default_cache_bytes` (scaled down under a memory cap).
     """
 
-    def __init__(self, max_bytes: int = 2 << 30):
-        self.max_bytes = int(max_bytes)
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = default_cache_bytes() if max_bytes is None else int(max_bytes)
         self._items: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -113,7 +127,11 @@ class KLEvaluator:
         total, count = 0.0, 0
         for (s, ref), (_, cand) in zip(self._ref_logprobs(), self.forward.head(hidden, overrides)):
             n = ref.shape[0] * ref.shape[1]
-            total += mean_kl(ref.reshape(n, -1), cand.reshape(n, -1)) * n
+            ref, cand = ref.reshape(n, -1), cand.reshape(n, -1)
+            step = max(1, KL_CHUNK_BYTES // (4 * ref.shape[1]))  # bounds mean_kl's temporaries
+            for r in range(0, n, step):
+                m = min(step, n - r)
+                total += mean_kl(ref[r:r + m], cand[r:r + m]) * m
             count += n
         return total / count
 

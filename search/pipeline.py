@@ -6,11 +6,13 @@ command resumes: finished statistics, profiles and trials are reused, never reco
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..atomic import atomic_open, atomic_write_text
+from ..atomic import atomic_write_text
 from ..errors import DynsearchError
 from ..kernels import effective_type, parse_qtype, tensor_nbytes
 from ..recipes import schema
@@ -191,78 +193,104 @@ class _HeadGram:
         self.stats.experts(name, x, expert_ids, n_expert)
 
 
+class _DictSink:
+    """Statistics kept in memory (``collect_statistics`` without a path: tests, benchmarks)."""
+
+    def __init__(self):
+        self.stats: dict[str, TensorStats] = {}
+
+    def add(self, name: str, field: str, value) -> None:
+        setattr(self.stats.setdefault(name, TensorStats()), field, value)
+
+
 def collect_statistics(forward, calib_tokens: np.ndarray, fisher_tokens: np.ndarray, seed: int,
-                       progress: bool = True) -> dict[str, TensorStats]:
-    """Per searchable tensor, the :class:`TensorStats` profiling needs."""
+                       progress: bool = True, path: Path | None = None) -> Mapping[str, TensorStats]:
+    """Per searchable tensor, the :class:`TensorStats` profiling needs.
+
+    Block by block over all calibration sequences at once (their hidden states are the resident
+    calibration state), so that each layer's ``X^T X`` is final when its block is done: it is
+    then written to ``path`` (a statistics ``.npz``, see :mod:`.stats_store`) and freed, and
+    memory does not grow with the number of layers. Without ``path`` the result stays in memory.
+    """
     from ..objectives.activations import ActivationStats, CaptureConfig
     from .sensitivity import fisher_pass
+    from .stats_store import StatsFile, StatsWriter
 
-    stats = ActivationStats(CaptureConfig(second_moment=True))
-    head = _HeadGram(stats)
-    batch = 8
-    for s in tqdm(range(0, len(calib_tokens), batch), desc="activations", disable=not progress,
-                  unit="batch"):
-        hidden = forward.hidden_states(calib_tokens[s:s + batch], capture=head)
+    with contextlib.ExitStack() as stack:
+        sink = _DictSink() if path is None else stack.enter_context(StatsWriter(path))
+        stats = ActivationStats(CaptureConfig(second_moment=True))
+        head = _HeadGram(stats)
+        with torch.inference_mode():
+            hidden = forward.embed(calib_tokens)
+        for il in tqdm(range(forward.cfg.n_layer), desc="activations", disable=not progress, unit="block"):
+            forward.run_block(il, hidden, capture=head)
+            prefix = f"blk.{il}."
+            for name in stats.names:
+                if name.startswith(prefix) and stats.has_second_moment(name):
+                    n = float(stats.count(name).sum())
+                    sink.add(name, "xtx", (stats.second_moment(name) / n).float().cpu())
+            stats.drop_second_moments(prefix)
         for _ in forward.head(hidden, capture=head):
             pass
-    imat = stats.imatrix(["calibration"], calib_tokens.shape[1])
-    log.info("fisher pass on %d tokens", fisher_tokens.size)
-    sens = fisher_pass(forward, fisher_tokens, seed=seed)
+        del hidden
+        imat = stats.imatrix(["calibration"], calib_tokens.shape[1])
+        log.info("fisher pass on %d tokens", fisher_tokens.size)
+        sens = fisher_pass(forward, fisher_tokens, seed=seed)
 
-    cfg, spec = forward.cfg, forward.spec
-    out: dict[str, TensorStats] = {}
-    for name in stats.names:
-        n = float(stats.count(name).sum())
-        if is_expert_stack(name):  # per-expert input statistics and routing counts (search/moe.py)
-            e = imat.entries[name]
-            out[name] = TensorStats(fisher_out=sens.fisher_out.get(name), importance=imat.importance(name),
-                                    xdiag=expert_second_moment(e.in_sum2, e.counts, n / cfg.n_expert_used),
-                                    expert_counts=e.counts.astype(np.float64))
-            continue
-        out[name] = TensorStats(xtx=(stats.second_moment(name) / n).float().cpu(),
-                                fisher_out=sens.fisher_out.get(name),
-                                importance=imat.importance(name))
-    head_name = "output.weight" if forward._has_output else "token_embd.weight"
-    scale2 = float(cfg.n_embd) if spec.embed_scale else 1.0
-    emb = TensorStats(row_weight=sens.token_counts / sens.token_counts.sum(),
-                      fisher_col=sens.fisher_embed * scale2)
-    head_stats = TensorStats(xtx=(head.xtx / head.n).float().cpu(), fisher_out=sens.fisher_out[head_name])
-    if head_name == "token_embd.weight":  # tied: one table, both uses
-        emb.xtx, emb.fisher_out = head_stats.xtx, head_stats.fisher_out
-    else:
-        out[head_name] = head_stats
-    out["token_embd.weight"] = emb
-    return out
+        cfg, spec = forward.cfg, forward.spec
+        for name in stats.names:
+            if sens.fisher_out.get(name) is not None:
+                sink.add(name, "fisher_out", sens.fisher_out[name])
+            if imat.importance(name) is not None:
+                sink.add(name, "importance", imat.importance(name))
+            if is_expert_stack(name):  # per-expert input statistics and routing counts (search/moe.py)
+                e = imat.entries[name]
+                sink.add(name, "xdiag", expert_second_moment(e.in_sum2, e.counts,
+                                                             float(e.counts.sum()) / cfg.n_expert_used))
+                sink.add(name, "expert_counts", e.counts.astype(np.float64))
+        head_name = "output.weight" if forward._has_output else "token_embd.weight"
+        scale2 = float(cfg.n_embd) if spec.embed_scale else 1.0
+        head_xtx = (head.xtx / head.n).float().cpu()
+        sink.add(head_name, "xtx", head_xtx)
+        sink.add(head_name, "fisher_out", sens.fisher_out[head_name])  # tied: one table, both uses
+        sink.add("token_embd.weight", "row_weight", sens.token_counts / sens.token_counts.sum())
+        sink.add("token_embd.weight", "fisher_col", sens.fisher_embed * scale2)
+    return sink.stats if path is None else StatsFile(path)
 
 
-def save_stats(path: Path, stats: dict[str, TensorStats]) -> None:
-    arrays = {}
-    for name, st in stats.items():
-        for k, v in asdict(st).items():
-            if v is not None:
-                arrays[f"{name}|{k}"] = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-    with atomic_open(path, "wb") as f:
-        np.savez(f, **arrays)
+def save_stats(path: Path, stats: Mapping[str, TensorStats]) -> None:
+    from .stats_store import StatsWriter
+
+    with StatsWriter(path) as w:
+        for name, st in stats.items():
+            w.add_stats(name, st)
 
 
-def load_stats(path: Path) -> dict[str, TensorStats] | None:
+def load_stats(path: Path) -> Mapping[str, TensorStats] | None:
+    """The statistics file, opened lazily (each tensor's members read when asked for); its list
+    of members and its small vectors are checked now, the X^T X matrices when read."""
+    from .stats_store import StatsFile
+
     if not path.exists():
         return None
     try:
-        out: dict[str, TensorStats] = {}
-        with np.load(path, allow_pickle=False) as z:
-            for key in z.files:
-                name, k = key.split("|")
-                st = out.setdefault(name, TensorStats())
-                v = z[key]
-                if not np.isfinite(v).all():
-                    raise ValueError(f"{key} not finite")
-                setattr(st, k, torch.from_numpy(v) if k == "xtx" else v)
-        return out
+        st = StatsFile(path)
+        for name in st:
+            for f in ("fisher_out", "importance", "row_weight", "fisher_col"):
+                st.field(name, f)
+        return st
     except Exception as e:  # noqa: BLE001 - a damaged cache is recomputed
         log.warning("statistics cache %s is corrupt (%s); recomputing", path, e)
         path.unlink(missing_ok=True)
         return None
+
+
+def importance_of(stats: Mapping[str, TensorStats]) -> dict[str, np.ndarray | None]:
+    """tensor -> imatrix vector, without reading the X^T X matrices of a :class:`StatsFile`."""
+    field = getattr(stats, "field", None)
+    if field is not None:
+        return {n: field(n, "importance") for n in stats}
+    return {n: st.importance for n, st in stats.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,15 +458,14 @@ def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
     stats_path = (Path(cfg.cache) if cfg.cache else out / "cache") / f"stats-{stats_key}.npz"
     stats = load_stats(stats_path)
     if stats is None:
-        stats = collect_statistics(forward, calib, fisher_t, cfg.seed, progress)
-        save_stats(stats_path, stats)
+        stats = collect_statistics(forward, calib, fisher_t, cfg.seed, progress, path=stats_path)
     cache = ProfileCache((Path(cfg.cache) if cfg.cache else out / "cache") / "profile", model_key, stats_key)
     job = ProfileJob(str(model_path.resolve()), model_key, str(stats_path.resolve()),
                      str(cache.folder.resolve()), stats_key, tuple(parse_qtype(t).name for t in cfg.types))
     space = build_space(source, searched, tuple(cfg.types), stats, cache, cfg.profile_backend(),
                         progress, job, cfg.group_experts)
 
-    importance = {n: st.importance for n, st in stats.items()}
+    importance = importance_of(stats)
     routing = routing_table({n: stats[n].expert_counts for n in searched if is_expert_stack(n) and n in stats})
     return Prepared(cfg=cfg, model_path=model_path, source=source, model_key=model_key,
                     run_dir=run_dir, names=names_all, fixed=fixed, budgets=budgets,

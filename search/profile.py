@@ -63,21 +63,29 @@ ERROR_CHUNK_BYTES = 16 << 20  # rows of dW processed at once by quant_error (bou
 
 
 def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
-    """The second-order KL estimate of replacing ``w`` by ``dq`` (see module docstring)."""
-    d = torch.from_numpy(dq - w)
-    total = 0.0
-    if stats.xtx is not None:
-        h = stats.xtx.to(torch.float32)
-        per_row = ((d @ h) * d).sum(dim=1).double()  # (out,) dW_o H dW_o^T
-        f = torch.ones_like(per_row) if stats.fisher_out is None else torch.from_numpy(stats.fisher_out).double()
-        total += 0.5 * float((f * per_row).sum())
-    if stats.row_weight is not None:
-        rw = torch.from_numpy(stats.row_weight).double()
-        col = (torch.ones(d.shape[1], dtype=torch.float64) if stats.fisher_col is None
-               else torch.from_numpy(stats.fisher_col).double())
-        total += 0.5 * float(rw @ ((d.double() ** 2) @ col))
-    if stats.xtx is None and stats.row_weight is None:  # nothing measured: plain weight MSE
-        total = float((d.double() ** 2).mean())
+    """The second-order KL estimate of replacing ``w`` by ``dq`` (see module docstring), summed
+    over chunks of rows so that its float64 temporaries stay small whatever the tensor."""
+    w2, dq2 = w.reshape(-1, w.shape[-1]), dq.reshape(-1, dq.shape[-1])
+    n_rows, n_cols = w2.shape
+    step = max(1, ERROR_CHUNK_BYTES // (8 * n_cols))
+    h = stats.xtx.to(torch.float32) if stats.xtx is not None else None
+    f = (None if stats.fisher_out is None else torch.from_numpy(np.asarray(stats.fisher_out)).double())
+    col = (None if stats.row_weight is None else torch.ones(n_cols, dtype=torch.float64)
+           if stats.fisher_col is None else torch.from_numpy(np.asarray(stats.fisher_col)).double())
+    total = sumsq = 0.0
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        d = torch.from_numpy(dq2[r0:r1] - w2[r0:r1])
+        if h is not None:
+            per_row = ((d @ h) * d).sum(dim=1).double()  # (rows,) dW_o H dW_o^T
+            total += 0.5 * float((per_row if f is None else f[r0:r1] * per_row).sum())
+        if col is not None:
+            rw = torch.from_numpy(np.asarray(stats.row_weight[r0:r1])).double()
+            total += 0.5 * float(rw @ ((d.double() ** 2) @ col))
+        if h is None and col is None:
+            sumsq += float((d.double() ** 2).sum())
+    if h is None and col is None:  # nothing measured: plain weight MSE
+        total = sumsq / max(1, w2.size)
     return total
 
 

@@ -9,6 +9,8 @@ gradients summed over tokens are kept: ``f_o = mean_n g_{n,o}^2``.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +75,30 @@ class _OutputGrads:
         return out
 
 
+HEAD_CHUNK_BYTES = 32 << 20  # one float64 (tokens, n_vocab) array of the Fisher head, at most
+
+
+class _Spill:
+    """Tensors put by index into a temporary folder and taken back (each file deleted when
+    taken): memory holds one at a time."""
+
+    def __init__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="dynsearch-fisher-")
+
+    def _path(self, i: int) -> str:
+        return os.path.join(self._dir.name, f"{i}.npy")
+
+    def put(self, i: int, t: torch.Tensor) -> None:
+        np.save(self._path(i), t.detach().cpu().numpy())
+
+    def take(self, i: int, device: torch.device) -> torch.Tensor:
+        path = self._path(i)
+        out = torch.from_numpy(np.load(path)).to(device)
+        os.unlink(path)
+        return out
+
+    def close(self) -> None:
+        self._dir.cleanup()
 
 
 def _head_logits(forward, x_final: torch.Tensor, norm: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
@@ -91,12 +117,13 @@ def fisher_pass(forward, tokens: np.ndarray, seed: int = 0) -> Sensitivities:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     sums: dict[str, torch.Tensor] = {}
 
-    # forward, keeping each block's input
+    # forward, keeping each block's input (on disk: n_layer copies of the hidden states would
+    # make memory grow with the depth of the model)
+    inputs = _Spill()
     with torch.inference_mode():
         h = forward.embed(tokens)
-    inputs = []
     for il in range(forward.cfg.n_layer):
-        inputs.append(h.clone())
+        inputs.put(il, h)
         forward.run_block(il, h)
 
     # the head: sample labels from the model's own distribution, back-propagate to h
@@ -104,20 +131,21 @@ def fisher_pass(forward, tokens: np.ndarray, seed: int = 0) -> Sensitivities:
     norm, w_out = forward.weight("output_norm.weight"), forward.weight(out_name)  # loaded once
     grad = torch.zeros_like(h)
     logit_sq = None
-    for s in range(0, n_seq, bs):
-        x = h[s:s + bs].detach().clone().requires_grad_(True)
+    d = h.shape[-1]
+    h_rows, g_rows = h.reshape(-1, d), grad.view(-1, d)
+    step = max(1, HEAD_CHUNK_BYTES // (8 * forward.cfg.n_vocab))  # tokens per vocabulary-wide chunk
+    for s in range(0, h_rows.shape[0], step):
+        x = h_rows[s:s + step].detach().clone().requires_grad_(True)
         logits = _head_logits(forward, x, norm, w_out)
         p = torch.softmax(logits.detach().double(), dim=-1)
-        flat = p.reshape(-1, p.shape[-1])
-        labels = torch.multinomial(flat.float().cpu(), 1, generator=gen).to(flat.device)[:, 0]
-        g_logits = flat.clone()
-        g_logits[torch.arange(flat.shape[0]), labels] -= 1.0  # d(-log p_label)/d logits
-        sq = g_logits.pow(2).sum(0)
+        labels = torch.multinomial(p.float().cpu(), 1, generator=gen).to(p.device)[:, 0]
+        p[torch.arange(p.shape[0]), labels] -= 1.0  # d(-log p_label)/d logits
+        sq = p.pow_(2).sum(0)
         logit_sq = sq if logit_sq is None else logit_sq + sq
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels,
-                                                 reduction="sum")
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         loss.backward()
-        grad[s:s + bs] = x.grad
+        g_rows[s:s + step] = x.grad
+        del logits, p, loss, x
     sums[out_name] = logit_sq
     del norm, w_out
 
@@ -127,14 +155,15 @@ def fisher_pass(forward, tokens: np.ndarray, seed: int = 0) -> Sensitivities:
         lw = forward.layer_weights(il)
         rope, mask = forward._rope(il, T), forward._mask(il, T)
         new_grad = torch.zeros_like(grad)
+        h_in = inputs.take(il, h.device)
         for s in range(0, n_seq, bs):
-            x = inputs[il][s:s + bs].detach().clone().requires_grad_(True)
+            x = h_in[s:s + bs].detach().clone().requires_grad_(True)
             y = block(forward.spec, forward.cfg, lw, x, rope, mask, hooks)
             y.backward(grad[s:s + bs])
             new_grad[s:s + bs] = x.grad
         grad = new_grad
-        inputs[il] = None  # free as we go
-        del lw
+        del lw, h_in
+    inputs.close()
 
     sens = Sensitivities(n_tokens=n)
     sens.fisher_out = {k: (v / n).cpu().numpy() for k, v in sums.items()}

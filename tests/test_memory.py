@@ -1,0 +1,113 @@
+"""Memory: statistics streamed to disk per layer, tensors read (not mapped), bounded caches."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dynsearch.objectives.activations import ActivationStats, CaptureConfig
+from dynsearch.objectives.forward import BlockwiseForward
+from dynsearch.objectives.gguf_source import GGUFSource
+from dynsearch.objectives.synthetic import Shape, write_synthetic_model
+from dynsearch.search import profile as profile_mod
+from dynsearch.search.pipeline import collect_statistics
+from dynsearch.search.profile import TensorStats, quant_error
+from dynsearch.search.stats_store import StatsFile, StatsWriter
+
+SHAPE = Shape(n_layer=3, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=300, tied=False)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_synthetic_model(tmp_path_factory.mktemp("m") / "m.gguf", SHAPE, seed=3)
+
+
+def test_stats_file_round_trip_and_damage(tmp_path):
+    path = tmp_path / "s.npz"
+    x = torch.randn(5, 5)
+    with StatsWriter(path) as w:
+        w.add("blk.0.attn_q.weight", "xtx", x)
+        w.add_stats("token_embd.weight", TensorStats(row_weight=np.arange(3.0), fisher_col=np.ones(2)))
+        with pytest.raises(ValueError, match="twice"):
+            w.add("blk.0.attn_q.weight", "xtx", x)
+    st = StatsFile(path)
+    assert set(st) == {"blk.0.attn_q.weight", "token_embd.weight"}
+    assert torch.equal(st["blk.0.attn_q.weight"].xtx, x)
+    assert st["token_embd.weight"].xtx is None and st.field("token_embd.weight", "importance") is None
+    np.testing.assert_array_equal(st.field("token_embd.weight", "row_weight"), np.arange(3.0))
+    with np.load(path) as z:  # the np.savez layout other readers use
+        assert sorted(z.files) == sorted(["blk.0.attn_q.weight|xtx", "token_embd.weight|row_weight",
+                                          "token_embd.weight|fisher_col"])
+    bad = tmp_path / "bad.npz"
+    with StatsWriter(bad) as w:
+        w.add("a", "fisher_out", np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match="not finite"):
+        StatsFile(bad)["a"]
+    with pytest.raises(RuntimeError), StatsWriter(tmp_path / "never.npz") as w:
+        w.add("a", "xtx", x)
+        raise RuntimeError("interrupted")
+    assert not (tmp_path / "never.npz").exists()
+
+
+def test_streamed_statistics_equal_in_memory_and_brute_force(model, tmp_path):
+    fwd = BlockwiseForward(GGUFSource(model), batch_size=2)
+    rng = np.random.default_rng(0)
+    calib, fisher = rng.integers(0, SHAPE.n_vocab, (5, 32)), rng.integers(0, SHAPE.n_vocab, (2, 32))
+    mem = collect_statistics(fwd, calib, fisher, 0, progress=False)
+    disk = collect_statistics(fwd, calib, fisher, 0, progress=False, path=tmp_path / "stats.npz")
+    assert isinstance(disk, StatsFile) and set(disk) == set(mem)
+    for name in mem:
+        a, b = mem[name], disk[name]
+        for f in ("xtx", "fisher_out", "importance", "row_weight", "fisher_col"):
+            va, vb = getattr(a, f), getattr(b, f)
+            assert (va is None) == (vb is None), (name, f)
+            if va is not None:
+                np.testing.assert_array_equal(np.asarray(va), np.asarray(vb))
+    # brute force: X^T X of every input over all calibration tokens, one capture, nothing freed
+    ref = ActivationStats(CaptureConfig(second_moment=True))
+    fwd.hidden_states(calib, capture=ref)
+    for il in range(SHAPE.n_layer):
+        for t in ("attn_q", "attn_output", "ffn_up", "ffn_down"):
+            name = f"blk.{il}.{t}.weight"
+            want = (ref.second_moment(name) / calib.size).float()
+            torch.testing.assert_close(disk[name].xtx, want, rtol=1e-6, atol=1e-7)
+
+
+def test_read_tensor_is_a_copy_equal_to_the_mapped_bytes(model):
+    src = GGUFSource(model)
+    for name in ("token_embd.weight", "blk.2.ffn_down.weight", "output_norm.weight"):
+        raw = src.raw(name)
+        assert raw.flags.owndata and raw.flags.writeable
+        np.testing.assert_array_equal(raw, src.header.data(name))
+
+
+def test_quant_error_chunked_equals_one_chunk(monkeypatch):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((37, 16)).astype(np.float32)
+    dq = (w + rng.standard_normal(w.shape).astype(np.float32) * 0.01).astype(np.float32)
+    x = rng.standard_normal((100, 16))
+    st = TensorStats(xtx=torch.from_numpy(x.T @ x / 100).float(), fisher_out=rng.random(37),
+                     row_weight=rng.random(37), fisher_col=rng.random(16))
+    whole = quant_error(w, dq, st)
+    monkeypatch.setattr(profile_mod, "ERROR_CHUNK_BYTES", 8 * 16 * 5)  # 5 rows at a time
+    assert quant_error(w, dq, st) == pytest.approx(whole, rel=1e-6)  # float32 d @ H per chunk
+    assert quant_error(w, dq, TensorStats()) == pytest.approx(float(((dq - w).astype(np.float64) ** 2).mean()))
+
+
+def test_head_batch_bounds_the_logits(model):
+    fwd = BlockwiseForward(GGUFSource(model), batch_size=4)
+    fwd.head_bytes = 4 * 32 * SHAPE.n_vocab * 2  # two sequences of 32 tokens
+    assert fwd.head_batch(32) == 2 and fwd.head_batch(1000) == 1 and fwd.head_batch(1) == 4
+    h = torch.randn(5, 32, SHAPE.n_embd)
+    assert [x.shape[0] for _, x in fwd.head(h)] == [2, 2, 1]
+
+
+def test_quant_cache_scales_with_the_memory_limit():
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_DATA, (6 << 30, 6 << 30));"
+            "from dynsearch.search.evaluate import QuantCache; from dynsearch.search.memory import memory_limit;"
+            "print(QuantCache().max_bytes, memory_limit())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    cache, limit = map(int, out.split())
+    assert limit <= 6 << 30 and cache == min(2 << 30, limit // 8)
