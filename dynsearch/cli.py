@@ -134,15 +134,15 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from .search.storage import redact
-    from .search.worker import STORAGE_ENV, join
+    from .search.worker import RUN_ID_ENV, STORAGE_ENV, Local, join
 
     url = args.storage or os.environ.get(STORAGE_ENV)
     if not url:
         raise DynsearchError(f"worker: give --storage URL (or set {STORAGE_ENV})")
-    from .search.worker import Local
-
     r = join(url, args.study_name, max_trials=args.trials, timeout=args.timeout,
-             progress=not args.quiet, local=Local(args.joblib_backend, args.dask_scheduler, args.cache))
+             progress=not args.quiet, local=Local(args.joblib_backend, args.dask_scheduler, args.cache),
+             wait_for=args.wait_for_study, say=lambda m: print(m, file=sys.stderr, flush=True),
+             run_id=os.environ.get(RUN_ID_ENV) or None)
     print(f"worker: ran {r.ran} trials on {r.study_name!r} in {redact(url)}; "
           f"{r.complete} complete of {r.requested} requested")
     return 0
@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trials", type=_positive_int, help="at most this many trials from this process "
                                                         "(default: until the study has its count)")
     s.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    s.add_argument("--wait-for-study", type=_non_negative_float, default=0.0, metavar="SECONDS",
+                   help="when the study does not exist yet, wait this long for `dynsearch run` to "
+                        "create it (workers started together with the run) (default: %(default)s)")
     s.add_argument("--cache", help="the run's cache folder as this machine mounts it "
                                    "(default: the path the run stored)")
     _cluster_options(s)
@@ -310,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("bench_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=_cmd_bench_kernels)
     return p
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not 0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return x
 
 
 def _positive_int(text: str) -> int:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -334,17 +335,59 @@ def header_overhead(source) -> int:
 # The run
 
 
+def study_name_of(cfg: RunConfig, model_path: Path, budgets: list[Budget], i: int) -> str:
+    name = cfg.study_name or f"{model_path.stem}-{budgets[i].spec}"
+    return name if len(budgets) == 1 else f"{name}-{budgets[i].spec}"
+
+
+def storage_url_of(cfg: RunConfig, run_dir: Path) -> str:
+    return cfg.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+
+HELPER_WAIT_S = 7 * 24 * 3600.0  # helpers started with the run wait this long for its first study
+
+
+def spawn_early_helpers(cfg: RunConfig, run_id: str) -> list:
+    """``--search-workers N``: the N-1 helpers of the first budget start now and wait for its
+    study (``--wait-for-study``), so that they import and load while this process prepares and
+    are ready when the first trial starts."""
+    from .models import resolve_model
+
+    if cfg.search_workers < 2:
+        return []
+    check_config(cfg)
+    model_path = resolve_model(cfg.model)
+    run_dir = Path(cfg.out) / model_path.stem
+    run_dir.mkdir(parents=True, exist_ok=True)
+    budgets = [parse_budget(b) for b in cfg.budgets]
+    return worker.spawn(storage_url_of(cfg, run_dir), study_name_of(cfg, model_path, budgets, 0),
+                        cfg.search_workers - 1, run_dir, cfg.timeout, cfg.profile_backend(),
+                        HELPER_WAIT_S, run_id)
+
+
 def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     """Prepare, then for every budget: search (resuming its study) and write recipe + GGUF."""
     if cfg.storage:
         open_storage(cfg.storage)  # a bad URL or an unreachable server: an error before any work
     probe(cfg.profile_backend())  # and so is an unreachable Dask scheduler
-    prep = prepare(cfg, progress)
-    result = RunResult(imatrix_path=write_run_imatrix(prep))
+    run_id = uuid.uuid4().hex
+    helpers = spawn_early_helpers(cfg, run_id)
+    try:
+        prep = prepare(cfg, progress)
+        result = RunResult(imatrix_path=write_run_imatrix(prep))
+    except BaseException:
+        worker.stop_all(helpers)  # they would wait for a study that never comes
+        raise
     for i in range(len(prep.budgets)):
-        study = open_budget_study(prep, i)
-        helpers = worker.spawn(prep.storage_url(), study.study_name, cfg.search_workers - 1,
-                               prep.run_dir, cfg.timeout, cfg.profile_backend())
+        try:
+            study = open_budget_study(prep, i)
+            study.set_user_attr(worker.RUN_ID_ATTR, run_id)  # last: the helpers waiting for it go
+        except BaseException:
+            worker.stop_all(helpers)
+            raise
+        if i > 0:
+            helpers = worker.spawn(prep.storage_url(), study.study_name, cfg.search_workers - 1,
+                                   prep.run_dir, cfg.timeout, cfg.profile_backend())
         try:
             worker.work(study, prep.space, prep.settings(i), prep.kl_of, progress=progress)
         finally:
@@ -385,11 +428,10 @@ class Prepared:
                               seed=c.seed, sampler=c.sampler)
 
     def study_name(self, i: int) -> str:
-        name = self.cfg.study_name or f"{self.model_path.stem}-{self.budgets[i].spec}"
-        return name if len(self.budgets) == 1 else f"{name}-{self.budgets[i].spec}"
+        return study_name_of(self.cfg, self.model_path, self.budgets, i)
 
     def storage_url(self) -> str:
-        return self.cfg.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
+        return storage_url_of(self.cfg, self.run_dir)
 
     def kl_of(self, choice: np.ndarray) -> float:
         """True KL of a candidate on the search tokens."""

