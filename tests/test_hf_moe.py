@@ -4,14 +4,17 @@ Tiny random models are built with transformers and saved as safetensors: Qwen3-M
 per expert (sharded, so that a layer's experts lie in several files), Llama 4 with its fused
 ``gate_up_proj`` and interleaved dense/routed layers, a shared expert and no RoPE on layer 3. Our
 forward pass from the folder must give transformers' float32 logits; the stacks must be what
-convert_hf_to_gguf.py builds; the multimodal Llama 4 layout (``language_model.`` prefix, vision
+convert_hf_to_gguf.py builds, and a GGUF written from them with the converter's metadata must load
+in llama.cpp and give transformers' logits there too; the multimodal Llama 4 layout (``language_model.`` prefix, vision
 tensors) and transformers 5's fused Qwen layout must give the same model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -20,11 +23,16 @@ from safetensors.torch import save_file
 
 from dynsearch.objectives.errors import ModelError
 from dynsearch.objectives.forward import BlockwiseForward
+from dynsearch.objectives.gguf_header import GGUFHeader
+from dynsearch.objectives.gguf_source import GGUFSource
+from dynsearch.objectives.gguf_write import write_model
 from dynsearch.objectives.hf_source import SafetensorsSource
+
+from test_forward import _demo_path
 
 transformers = pytest.importorskip("transformers", reason="transformers (the HF reference) is not installed")
 
-VOCAB, D, T = 300, 64, 48
+VOCAB, D, T = 49152, 64, 48  # the demo model's vocabulary: its tokenizer goes into the GGUF
 COMMON = dict(vocab_size=VOCAB, hidden_size=D, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               max_position_embeddings=256, tie_word_embeddings=False)
 
@@ -115,9 +123,50 @@ def test_moe_forward_matches_transformers(arch, saved):
     cfg = src.config
     assert cfg.arch == arch and cfg.n_expert == (8 if arch == "qwen3moe" else 4)
     got = _ours(folder)
+    print(f"{arch}: mean KL(transformers || ours from the HF folder) = {_kl(want, got):.3e}, "
+          f"max |logit diff| = {float((got - want).abs().max()):.2e}, logit std = {float(want.std()):.2f}")
     assert _kl(want, got) < 1e-8, _kl(want, got)
     assert torch.allclose(got, want, atol=1e-3, rtol=1e-4)
     assert float(want.std()) > 0.5  # the comparison is not between two near-uniform outputs
+
+
+def _converter_metadata(src: SafetensorsSource) -> dict:
+    """The hyper-parameters convert_hf_to_gguf.py writes for this model (llama.cpp reads the rest
+    from its own fixed llama4 values)."""
+    c, a, u32, f32 = src.config, src.config.arch, gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
+    kv = {"context_length": (256, u32), "embedding_length": (c.n_embd, u32), "block_count": (c.n_layer, u32),
+          "feed_forward_length": (c.n_ff, u32), "attention.head_count": (c.n_head, u32),
+          "attention.head_count_kv": (c.n_head_kv, u32), "rope.dimension_count": (c.n_rot, u32),
+          "attention.key_length": (c.head_dim, u32), "attention.value_length": (c.head_dim_v, u32),
+          "attention.layer_norm_rms_epsilon": (c.rms_eps, f32), "rope.freq_base": (c.rope_base, f32),
+          "vocab_size": (c.n_vocab, u32), "expert_count": (c.n_expert, u32),
+          "expert_used_count": (c.n_expert_used, u32), "expert_feed_forward_length": (c.n_ff_exp, u32)}
+    if a == "llama4":
+        kv["interleave_moe_layer_step"] = (src.hparams["interleave_moe_layer_step"], u32)
+    return {f"{a}.{k}": v for k, v in kv.items()}
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama4"])
+def test_llamacpp_runs_the_mapped_checkpoint(arch, saved, tmp_path):
+    """The mapped tensors written as a GGUF: llama.cpp loads it (shapes and names as it expects)
+    and its logits are transformers'; our GGUF reader gives the same ModelConfig as config.json."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp reference) is not installed")
+    folder, want, _ = saved[arch]
+    src = SafetensorsSource(folder)
+    path = write_model(tmp_path / f"{arch}.gguf", arch, GGUFHeader(_demo_path()), _converter_metadata(src),
+                       {n: src.load(n) for n in src.names()}, keep=lambda k: k.startswith("tokenizer."))
+    assert GGUFSource(path).config == dataclasses.replace(src.config, rms_eps=float(np.float32(src.config.rms_eps)))
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=T, n_batch=T, n_threads=2,
+                          verbose=False, type_k=0, type_v=0)  # F32 KV cache, as in test_moe
+    got = []
+    for row in TOKENS:
+        llm.reset()
+        llm.eval(row.tolist())
+        got.append(torch.from_numpy(np.array(llm.scores[:T], dtype=np.float64)))
+    del llm
+    kl = _kl(want, torch.stack(got))
+    print(f"{arch}: mean KL(transformers || llama.cpp on the mapped GGUF) = {kl:.3e}")
+    assert kl < 1e-6, kl
 
 
 def test_qwen3moe_stacks_as_the_converter(saved):
