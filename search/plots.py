@@ -74,6 +74,7 @@ class StudyData:
     name: str
     budget: str  # budget spec ("100MB", "4.5bpw"), or the study name when unknown
     tensor_budget: int | None  # bytes of searched tensor data every candidate fits
+    budget_bytes: int | None  # the budget as a file size (a bpw budget: tensor budget + overhead)
     overhead: int | None  # file bytes besides the searched tensors (header, fixed tensors)
     points: list[TrialPoint]
     chosen: Chosen | None = None
@@ -125,29 +126,40 @@ def _gguf_or_estimate(recipe_path: Path, recipe: schema.Recipe) -> int | None:
     return int(est) if isinstance(est, (int, float)) else None
 
 
+def _recipe_trial(points: list[TrialPoint], recipe: schema.Recipe) -> TrialPoint | None:
+    """The trial a recipe was made from: the one with its recorded search KL (the study may have
+    gone on after it was written), else the study's best."""
+    done = [p for p in points if p.kl is not None]
+    same = [p for p in done if p.kl == recipe.search.get("search_kl")]
+    return min(same or done, key=lambda p: (p.kl, p.number)) if done else None
+
+
 def study_data(study: optuna.Study, recipes: dict[str, tuple[Path, schema.Recipe]]) -> StudyData:
     """A study's trials, budget and file overhead, with its recipe (matched by the study name the
-    recipe records under ``search.study``) when one was written."""
+    recipe records under ``search.study``) when one was written.
+
+    The overhead (file bytes besides the searched tensors: header, metadata, fixed tensors) is the
+    same for every trial of a study. It is exact when the recipe's GGUF was written (its size minus
+    its trial's), else the pipeline's estimate (the byte budget minus the tensor budget, or the
+    recipe's ``bytes_estimate`` minus its trial's size)."""
     points = trial_points(study)
     spec = _study_budget(study)
-    tensor_budget = study.user_attrs.get("budget")
-    match = recipes.get(study.study_name)
-    path, recipe = match if match else (None, None)
-    overhead = None
-    if spec is not None and tensor_budget is not None and parse_budget(spec).file_bytes is not None:
-        overhead = parse_budget(spec).file_bytes - int(tensor_budget)  # the pipeline's definition
+    stored = study.user_attrs.get("budget")
+    tensor_budget = None if stored is None else int(stored)
+    path, recipe = recipes.get(study.study_name) or (None, None)
+    byte_budget = parse_budget(spec).file_bytes if spec else None
+    overhead = byte_budget - tensor_budget if byte_budget is not None and tensor_budget is not None else None
     chosen = None
     if recipe is not None:
-        estimate = recipe.achieved.get("bytes_estimate")
-        done = [p for p in points if p.kl is not None]
-        best = min(done, key=lambda p: (p.kl, p.number)) if done else None
-        if overhead is None and best is not None and isinstance(estimate, (int, float)):
-            overhead = int(estimate) - best.size  # header + fixed tensors, as the byte budget has it
-        file_bytes = _gguf_or_estimate(path, recipe)
+        trial, file_bytes = _recipe_trial(points, recipe), _gguf_or_estimate(path, recipe)
         if file_bytes is not None:
             chosen = Chosen(path, file_bytes, recipe.kl.get("kld_mean"), recipe.search.get("search_kl"))
-    return StudyData(study.study_name, spec or study.study_name,
-                     None if tensor_budget is None else int(tensor_budget), overhead, points, chosen, recipe)
+            if trial is not None:
+                overhead = file_bytes - trial.size
+    if byte_budget is None and tensor_budget is not None and overhead is not None:
+        byte_budget = tensor_budget + overhead  # the file size a bpw budget allows
+    return StudyData(study.study_name, spec or study.study_name, tensor_budget, byte_budget, overhead,
+                     points, chosen, recipe)
 
 
 def run_recipes(folders: Sequence[Path]) -> dict[str, tuple[Path, schema.Recipe]]:
@@ -294,6 +306,21 @@ def type_grid(recipe: schema.Recipe, show_f32: bool = False) -> TypeGrid:
 # Drawing
 
 
+def _own_style(draw):
+    """Draw with matplotlib's default style whatever the caller set (Optuna's plots switch the
+    whole process to ggplot), and leave the caller's style as it was."""
+    import functools
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        import matplotlib.style
+
+        with matplotlib.style.context("default"):
+            return draw(*args, **kwargs)
+
+    return wrapper
+
+
 def _figure(width: float, height: float):
     """A figure of its own (no pyplot, no global backend switch: safe in threads, in scripts
     without a display and inside notebooks, whose inline backend stays as it is)."""
@@ -318,6 +345,7 @@ def file_axis(data: Sequence[StudyData]) -> bool:
     return all(d.overhead is not None for d in data)
 
 
+@_own_style
 def plot_pareto(path: str | Path, data: Sequence[StudyData], title: str = "") -> Path:
     """The Pareto PNG of one or more studies (see the module docstring)."""
     from matplotlib import colormaps
@@ -338,8 +366,9 @@ def plot_pareto(path: str | Path, data: Sequence[StudyData], title: str = "") ->
         if done:
             ax.scatter(*zip(*done), s=24, color=c, alpha=0.85, label=f"{d.budget}: true KL")
         front_pts += done
-        if d.tensor_budget is not None:
-            ax.axvline((d.tensor_budget + off) / 1e6, color=c, ls="--", lw=1, alpha=0.8)
+        line = d.budget_bytes if as_file else d.tensor_budget
+        if line is not None:
+            ax.axvline(line / 1e6, color=c, ls="--", lw=1, alpha=0.8)
         if d.chosen is not None and d.chosen.heldout_kl and as_file:
             ax.scatter([d.chosen.file_bytes / 1e6], [d.chosen.heldout_kl], marker="*", s=160, color=c,
                        edgecolors="black", zorder=5, label=f"{d.budget}: recipe, held-out KL")
@@ -357,6 +386,7 @@ def plot_pareto(path: str | Path, data: Sequence[StudyData], title: str = "") ->
     return save_png(fig, Path(path))
 
 
+@_own_style
 def plot_types(path: str | Path, grid: TypeGrid, title: str = "") -> Path:
     """The type heatmap PNG of a :class:`TypeGrid`."""
     from matplotlib import colormaps
@@ -369,7 +399,7 @@ def plot_types(path: str | Path, grid: TypeGrid, title: str = "") -> Path:
     mat = np.ma.masked_invalid(np.array(
         [[np.nan if t is None else index[t] for t in row] for row in grid.cells], dtype=float))
     n_rows, n_cols = mat.shape
-    fig, ax = _figure(2.2 + 0.75 * n_cols, 1.6 + 0.22 * n_rows)
+    fig, ax = _figure(max(6.5, 2.8 + 0.75 * n_cols), 1.8 + 0.22 * n_rows)
     cmap = ListedColormap(palette).with_extremes(bad="white")
     ax.imshow(mat, cmap=cmap, norm=BoundaryNorm(np.arange(n_types + 1) - 0.5, n_types), aspect="auto",
               interpolation="nearest")
@@ -389,8 +419,9 @@ def plot_types(path: str | Path, grid: TypeGrid, title: str = "") -> Path:
     ax.set_yticks(range(n_rows), grid.rows, fontsize=6 if n_rows > 40 else 8)
     handles = [Patch(color=palette[i], label=f"{t} ({_bpw(t):.2f} bpw)") for i, t in enumerate(grid.types)]
     ax.legend(handles=handles, bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8, title="type")
-    note = f" ({len(grid.hidden)} F32 tensors not shown)" if grid.hidden else ""
+    note = f"\n({len(grid.hidden)} F32 tensors not shown)" if grid.hidden else ""
     ax.set_title((title or "types per tensor") + note, fontsize=9)
+    ax.grid(False)
     fig.tight_layout()
     return save_png(fig, Path(path))
 

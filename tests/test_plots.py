@@ -3,6 +3,7 @@ study and the recipe they come from (brute force for the front), and the PNGs it
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -21,7 +22,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 N_LAYER = 3
 KINDS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
-OVERHEAD = 1_234_567  # header + fixed tensors of the fake run
+OVERHEAD = 1_234_567  # header + fixed tensors of the fake run, as the byte budget estimates them
+GGUF_BYTES = 88_500_000 + OVERHEAD - 200_000  # the written GGUF of the recipe's trial (88.5 MB of searched data)
 
 
 def brute_front(pts):
@@ -100,7 +102,8 @@ def run_dir(tmp_path):
 
     r = _recipe(types_of, "Tiny-90MB", "Tiny-90MB", 88_500_000 + OVERHEAD)
     schema.save(r, run / "Tiny-90MB.yaml")
-    (run / "Tiny-90MB.gguf").write_bytes(b"\0" * 1000)  # its GGUF: the star sits at this file's size
+    with open(run / "Tiny-90MB.gguf", "wb") as f:  # its GGUF (sparse): 200 kB under the estimate
+        f.truncate(GGUF_BYTES)
     (run / "notes.yaml").write_text("just: notes\n")  # not a recipe: skipped
     return run
 
@@ -111,25 +114,27 @@ def test_plot_data_matches_the_stored_trials_and_recipes(run_dir):
     d90, d110 = data["90MB"], data["110MB"]
     assert [(p.size, p.proxy, p.kl) for p in d90.points] == TRIALS_90
     assert [p.state for p in d90.points].count("PRUNED") == 1 and d90.points[0].seed
-    assert d90.tensor_budget == 90_000_000 - OVERHEAD and d90.overhead == OVERHEAD
+    # the written GGUF gives the exact overhead; without one, the byte budget's estimate
+    assert d90.tensor_budget == 90_000_000 - OVERHEAD and d90.overhead == GGUF_BYTES - 88_500_000
     assert d110.overhead == OVERHEAD and file_axis(data.values())
-    assert d90.chosen.file_bytes == 1000 and d90.chosen.heldout_kl == pytest.approx(0.0123)
+    assert d90.budget_bytes == 90_000_000 and d110.budget_bytes == 110_000_000
+    assert d90.chosen.file_bytes == GGUF_BYTES and d90.chosen.heldout_kl == pytest.approx(0.0123)
     assert d90.chosen.recipe_path == run_dir / "Tiny-90MB.yaml"
     assert d110.chosen is None and d110.recipe is None
     # every completed trial fits its budget on the file-size axis
     for d in data.values():
-        assert all(p.size + d.overhead <= d.tensor_budget + d.overhead for p in d.points)
+        assert all(p.size + d.overhead <= d.budget_bytes for p in d.points)
     only = load_plot_data(run_dir, budget="110mb")
     assert [d.name for d in only] == ["Tiny-110MB"]
 
 
 def test_pareto_of_the_run_is_the_brute_force_front_of_its_completed_trials(run_dir):
     data = load_plot_data(run_dir)
-    pts = [(p.size + d.overhead, p.kl) for d in data for p in d.completed]
+    pts = [(p.size, p.kl) for d in data for p in d.completed]
     front = {pts[i] for i in pareto_front(pts)}
     assert front == {pts[i] for i in brute_front(pts)}
-    assert (88_400_000 + OVERHEAD, None) not in front  # the pruned trial has no KL
-    assert (86_000_000 + OVERHEAD, 0.05) in front and (88_000_000 + OVERHEAD, 0.025) not in front  # 87.5 MB: 0.024
+    assert (88_400_000, None) not in front  # the pruned trial has no KL
+    assert (86_000_000, 0.05) in front and (88_000_000, 0.025) not in front  # 87.5 MB: 0.024
 
 
 def test_type_grid_is_the_recipe(run_dir):
@@ -209,3 +214,32 @@ def test_cli_plot_errors_are_one_line(run_dir, tmp_path, capsys, argv, message):
     assert main(["plot", *argv, "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bpw_budget_takes_its_file_overhead_from_the_recipe(tmp_path):
+    """A bpw budget says nothing about the file's fixed bytes: the recipe's estimate minus its
+    trial's size gives them; without a recipe the x axis falls back to the searched tensor data."""
+    run = tmp_path / "runs" / "Tiny"
+    run.mkdir(parents=True)
+    storage = f"sqlite:///{run / 'study.db'}"
+    for name, budgets in (("Tiny-4.5bpw", ("4.5bpw",)), ("Tiny-5bpw", ("5bpw",))):
+        study = optuna.create_study(storage=storage, study_name=name)
+        study.set_user_attr("budget", 80_000_000)
+        study.set_user_attr(RUN_CONFIG_ATTR, config_to_json(RunConfig(model="smollm2-135m", budgets=budgets,
+                                                                      out=str(tmp_path / "runs"))))
+        dist = {"m": FloatDistribution(-1, 1)}
+        for size, kl in ((79_000_000, 0.03), (79_500_000, 0.02)):
+            study.add_trial(create_trial(value=kl, params={"m": 0.0}, distributions=dist,
+                                         user_attrs={"size": size, "proxy": kl}))
+    recipe = _recipe(lambda k: "Q8_0", "Tiny-4.5bpw", "Tiny-4.5bpw", 79_500_000 + 777)
+    schema.save(dataclasses.replace(recipe, search={"study": "Tiny-4.5bpw", "search_kl": 0.03}), run / "r.yaml")
+    data = {d.budget: d for d in load_plot_data(run)}
+    # no GGUF: the recipe's estimate minus its trial's size (the trial with its search KL, 79 MB)
+    assert data["4.5bpw"].overhead == 500_777 and data["4.5bpw"].chosen.file_bytes == 79_500_777
+    assert data["4.5bpw"].budget_bytes == 80_000_000 + 500_777
+    assert data["5bpw"].overhead is None and not file_axis(data.values())
+    assert [d.name for d in load_plot_data(run, budget="4.5bpw")] == ["Tiny-4.5bpw"]
+    assert file_axis(load_plot_data(run, budget="4.5bpw"))
+    paths = make_plots(run, tmp_path / "o")
+    assert [p.name for p in paths] == ["pareto.png", "types-4.5bpw.png"]
+    _is_png(paths[0])
