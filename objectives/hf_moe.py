@@ -190,8 +190,9 @@ def moe_fields(spec: ArchSpec, hp: dict[str, Any], n_layer: int, rope_base: floa
             raise _refuse(cfg_name, "mlp_only_layers / decoder_sparse_step",
                           (hp.get("mlp_only_layers"), hp.get("decoder_sparse_step")),
                           "qwen3moe routes every layer")
-        if hp.get("norm_topk_prob") is False:
-            raise _refuse(cfg_name, "norm_topk_prob", False, "qwen3moe always renormalises the top-k weights")
+        if not hp.get("norm_topk_prob", False):  # transformers' default is False
+            raise _refuse(cfg_name, "norm_topk_prob", hp.get("norm_topk_prob", False),
+                          "qwen3moe always renormalises the top-k weights")
         out.update(n_ff=int(hp["intermediate_size"]), n_ff_exp=int(hp["moe_intermediate_size"]))
         return out
     # llama4 (Llama4Model in the converter: intermediate_size is the experts', _mlp the dense layers')
@@ -207,11 +208,14 @@ def moe_fields(spec: ArchSpec, hp: dict[str, Any], n_layer: int, rope_base: floa
     if chunk != LLAMA4_CHUNK:
         raise _refuse(cfg_name, "attention_chunk_size", chunk, f"llama4 uses chunks of {LLAMA4_CHUNK}")
     nope = tuple((il + 1) % spec.nope_layer_step == 0 for il in range(n_layer))
-    if "no_rope_layers" in hp and tuple(not x for x in hp["no_rope_layers"][:n_layer]) != nope:
-        raise _refuse(cfg_name, "no_rope_layers", hp["no_rope_layers"], "llama4 skips RoPE on every 4th layer")
+    # Llama4TextConfig: an empty or missing no_rope_layers means every no_rope_layer_interval-th layer
+    interval = hp.get("no_rope_layer_interval", 4)
+    uses_rope = hp.get("no_rope_layers") or [int((il + 1) % interval != 0) for il in range(n_layer)]
+    if tuple(not x for x in uses_rope[:n_layer]) != nope:
+        raise _refuse(cfg_name, "no_rope_layers", uses_rope, "llama4 skips RoPE on every 4th layer")
     kq_norm = n_expert != 128  # use_kq_norm: off for the 17B-128E model only
-    if bool(hp.get("use_qk_norm", kq_norm)) != kq_norm:
-        raise _refuse(cfg_name, "use_qk_norm", hp["use_qk_norm"],
+    if bool(hp.get("use_qk_norm", True)) != kq_norm:  # transformers' default is True
+        raise _refuse(cfg_name, "use_qk_norm", hp.get("use_qk_norm", True),
                       f"llama4 {'uses' if kq_norm else 'skips'} it with {n_expert} experts")
     temp = (bool(hp.get("attn_temperature_tuning", True)), hp.get("floor_scale", 8192), hp.get("attn_scale", 0.1))
     if temp != (True, LLAMA4_TEMP["attn_temp_floor"], LLAMA4_TEMP["attn_temp_scale"]):

@@ -295,7 +295,9 @@ def test_moe_checkpoint_errors(saved, tmp_path):
         (q, {"num_experts_per_tok": 9}, "num_experts_per_tok = 9 with 8 experts"),
         (q, {"norm_topk_prob": False}, "norm_topk_prob = False.*renormalises"),
         (q, {"mlp_only_layers": [1]}, "mlp_only_layers.*routes every layer"),
+        (q, {"norm_topk_prob": None}, "norm_topk_prob = None.*renormalises"),
         (l4, {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers.*every 4th layer"),
+        (l4, {"no_rope_layers": [], "no_rope_layer_interval": 2}, r"no_rope_layers = \[1, 0, 1, 0\]"),
         (l4, {"attention_chunk_size": 16}, "attention_chunk_size = 16"),
         (l4, {"use_qk_norm": False}, "use_qk_norm = False"),
         (l4, {"layer_types": ["full_attention"] * 4}, "without chunked attention"),
@@ -304,6 +306,10 @@ def test_moe_checkpoint_errors(saved, tmp_path):
         bad = _edited(folder, tmp_path, f"c{i}", lambda c, change=change: {**c, **change})
         with pytest.raises(ModelError, match=msg):
             SafetensorsSource(bad)
+    # Llama4TextConfig's defaults for what a config.json may leave out or empty: the same model
+    ok = _edited(l4, tmp_path, "defaults", lambda c: {**{k: v for k, v in c.items() if k not in (
+        "use_qk_norm", "layer_types", "attention_chunk_size", "no_rope_layer_interval")}, "no_rope_layers": []})
+    assert SafetensorsSource(ok).config == SafetensorsSource(l4).config
     bad = _edited(l4, tmp_path, "nokey", lambda c: {k: v for k, v in c.items() if k != "num_local_experts"})
     with pytest.raises(ModelError, match="missing key 'num_local_experts'"):
         SafetensorsSource(bad)
