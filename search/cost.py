@@ -23,7 +23,7 @@ import numpy as np
 
 from ..kernels import effective_type, tensor_nbytes
 
-SAMPLE_WEIGHTS = 1 << 19  # weights timed per (type, row width)
+SAMPLE_WEIGHTS = 1 << 17  # weights timed per (type, row width): a few ms each once compiled
 REVISIT = 0.15  # share of tensors whose (tensor, type) pair a trial quantizes anew (QuantCache misses)
 FLOOR_BYTES = 450 << 20  # python + torch + numba + optuna, measured RSS of an idle run process
 
