@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -63,29 +64,38 @@ ERROR_CHUNK_BYTES = 16 << 20  # rows of dW processed at once by quant_error (bou
 
 
 def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
-    """The second-order KL estimate of replacing ``w`` by ``dq`` (see module docstring), summed
-    over chunks of rows so that its float64 temporaries stay small whatever the tensor."""
+    """The second-order KL estimate of replacing ``w`` by ``dq`` (see module docstring), taken
+    over chunks of rows so that its float64 temporaries stay small whatever the tensor.
+
+    The result is the same bits whatever the thread count (the space's fingerprint hashes it, and
+    processes on a cluster profile with different counts): each row's term comes from a float64
+    matrix product (MKL's float32 one rounds some small shapes differently with 4 threads than
+    with 1) and numpy's single-threaded row sums, and the terms are added with :func:`math.fsum`
+    (exactly rounded, so neither their order nor the chunking matters); torch's whole-tensor
+    reductions split differently with 1, 2 or 4 threads."""
     w2, dq2 = w.reshape(-1, w.shape[-1]), dq.reshape(-1, dq.shape[-1])
     n_rows, n_cols = w2.shape
     step = max(1, ERROR_CHUNK_BYTES // (8 * n_cols))
-    h = stats.xtx.to(torch.float32) if stats.xtx is not None else None
-    f = (None if stats.fisher_out is None else torch.from_numpy(np.asarray(stats.fisher_out)).double())
-    col = (None if stats.row_weight is None else torch.ones(n_cols, dtype=torch.float64)
-           if stats.fisher_col is None else torch.from_numpy(np.asarray(stats.fisher_col)).double())
-    total = sumsq = 0.0
+    h = stats.xtx.to(torch.float64) if stats.xtx is not None else None
+    f = None if stats.fisher_out is None else np.asarray(stats.fisher_out, dtype=np.float64)
+    col = (None if stats.row_weight is None else np.ones(n_cols) if stats.fisher_col is None
+           else np.asarray(stats.fisher_col, dtype=np.float64))
+    terms: list[np.ndarray] = []  # float64 per-row terms, summed once at the end
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        d = torch.from_numpy(dq2[r0:r1] - w2[r0:r1])
+        d = (dq2[r0:r1] - w2[r0:r1]).astype(np.float64)  # (rows, cols)
         if h is not None:
-            per_row = ((d @ h) * d).sum(dim=1).double()  # (rows,) dW_o H dW_o^T
-            total += 0.5 * float((per_row if f is None else f[r0:r1] * per_row).sum())
+            dh = (torch.from_numpy(d) @ h).numpy()  # (rows, cols) dW_o H
+            per_row = np.einsum("ij,ij->i", dh, d)  # dW_o H dW_o^T
+            terms.append(0.5 * (per_row if f is None else f[r0:r1] * per_row))
         if col is not None:
-            rw = torch.from_numpy(np.asarray(stats.row_weight[r0:r1])).double()
-            total += 0.5 * float(rw @ ((d.double() ** 2) @ col))
+            rw = np.asarray(stats.row_weight[r0:r1], dtype=np.float64)
+            terms.append(0.5 * rw * np.einsum("ij,ij,j->i", d, d, col))
         if h is None and col is None:
-            sumsq += float((d.double() ** 2).sum())
+            terms.append(np.einsum("ij,ij->i", d, d))
+    total = math.fsum(np.concatenate(terms)) if terms else 0.0
     if h is None and col is None:  # nothing measured: plain weight MSE
-        total = sumsq / max(1, w2.size)
+        total /= max(1, w2.size)
     return total
 
 

@@ -29,7 +29,7 @@ from dynsearch.cli import main as cli_main
 from dynsearch.errors import ClusterError, StorageError
 from dynsearch.search.cluster import SCHEDULER_ENV, ProfileBackend, check_backend, probe
 from dynsearch.search.profile import (ProfileCache, ProfileJob, TensorStats, profile_tensor,
-                                      profile_tensors, read_tensor_stats)
+                                      profile_tensors, quant_error, read_tensor_stats)
 from dynsearch.search.pipeline import N_TRIALS_ATTR, RUN_CONFIG_ATTR
 from dynsearch.search.storage import OWNER_ATTR, open_storage
 from dynsearch.search.worker import RUN_ID_ATTR, wait_for_study
@@ -152,6 +152,79 @@ def test_profile_job_refuses_a_model_it_cannot_see_or_a_different_one(tiny_model
     lost = ProfileJob(str(tiny_model), key, str(tmp_path / "no-stats.npz"), str(tmp_path / "p"), "k", TYPES)
     with pytest.raises(ClusterError, match="cannot read the statistics file"):
         lost("blk.0.attn_q.weight")
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles are the same bits in every process (the space's fingerprint hashes them)
+
+
+def _error_cases():
+    rng = np.random.default_rng(3)
+
+    def case(rows, cols, *, h=False, fisher=False, rw=False, fcol=False):
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        dq = (w + 0.01 * rng.standard_normal((rows, cols))).astype(np.float32)
+        x = rng.standard_normal((32, cols)).astype(np.float32)
+        st = TensorStats(xtx=torch.from_numpy(x.T @ x / 32) if h else None,
+                         fisher_out=rng.random(rows) if fisher else None,
+                         row_weight=rng.random(rows) if rw else None,
+                         fisher_col=rng.random(cols) if fcol else None)
+        return w, dq, st
+
+    return {"X^T X + Fisher, many rows": case(40_001, 64, h=True, fisher=True),
+            "X^T X, one long row": case(1, 4096, h=True),
+            "row weights + column Fisher": case(40_000, 96, rw=True, fcol=True),
+            "both, odd shape": case(1_003, 72, h=True, fisher=True, rw=True),
+            "weight MSE, few long rows": case(3, 200_000),
+            "no rows": case(0, 64, h=True, fisher=True)}
+
+
+def _reference_error(w, dq, st) -> float:
+    """quant_error in float64 numpy, written out from the formula (module docstring of profile)."""
+    d = (dq.astype(np.float64) - w.astype(np.float64))
+    if st.xtx is None and st.row_weight is None:
+        return float((d ** 2).mean()) if d.size else 0.0
+    total = 0.0
+    if st.xtx is not None:
+        per_row = ((d @ st.xtx.numpy().astype(np.float64)) * d).sum(axis=1)
+        total += 0.5 * float(np.sum(per_row * (1 if st.fisher_out is None else st.fisher_out)))
+    if st.row_weight is not None:
+        colw = np.ones(d.shape[1]) if st.fisher_col is None else st.fisher_col
+        total += 0.5 * float(st.row_weight @ ((d ** 2) @ colw))
+    return total
+
+
+def test_quant_error_is_the_same_bits_whatever_the_thread_count():
+    """Processes on a cluster profile with different thread counts; a whole-tensor reduction
+    split differently would change the last bits and the study would refuse the space."""
+    cases = _error_cases()
+    before = torch.get_num_threads()
+    got = {}
+    try:
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            got[n] = {k: quant_error(*c) for k, c in cases.items()}
+    finally:
+        torch.set_num_threads(before)
+    for k, c in cases.items():
+        bits = {n: np.float64(got[n][k]).tobytes() for n in got}
+        assert len(set(bits.values())) == 1, (k, {n: got[n][k] for n in got})
+        assert got[1][k] == pytest.approx(_reference_error(*c), rel=1e-5, abs=1e-300), k
+    assert got[1]["no rows"] == 0.0
+
+
+def test_quant_error_does_not_depend_on_the_chunking(monkeypatch):
+    from dynsearch.search import profile
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((1_003, 72)).astype(np.float32)
+    dq = (w + 0.01 * rng.standard_normal(w.shape)).astype(np.float32)
+    x = rng.standard_normal((32, 72)).astype(np.float32)
+    st = TensorStats(xtx=torch.from_numpy(x.T @ x), fisher_out=rng.random(1_003),
+                     row_weight=rng.random(1_003), fisher_col=rng.random(72))
+    whole = quant_error(w, dq, st)
+    monkeypatch.setattr(profile, "ERROR_CHUNK_BYTES", 8 * 72 * 10)  # chunks of 10 rows
+    assert quant_error(w, dq, st) == whole  # exactly: per-row terms, one exactly rounded sum
 
 
 # ---------------------------------------------------------------------------------------------
