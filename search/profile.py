@@ -253,24 +253,26 @@ def _open_source(path: str, model_key: str):
     return open_model(path)
 
 
-STATS_FIELDS = ("xtx", "fisher_out", "importance", "row_weight", "fisher_col", "xdiag", "expert_counts")  # TensorStats fields
-
-
 def read_tensor_stats(path: str | Path, name: str) -> TensorStats:
-    """One tensor's statistics from the run's statistics file (only its members are read)."""
+    """One tensor's statistics from the run's statistics file, read through
+    :class:`~.stats_store.StatsFile` (only that tensor's members); empty for a tensor it lacks.
+    An unreadable or damaged file is one :class:`ClusterError` line naming it."""
+    from .stats_store import StatsFile  # it imports this module
+
     try:
-        with np.load(path, allow_pickle=False) as z:
-            found = {k: z[f"{name}|{k}"] for k in STATS_FIELDS if f"{name}|{k}" in z.files}
+        stats = StatsFile(path)
     except OSError as e:
         raise ClusterError(f"profiling worker on {socket.gethostname()} cannot read the statistics "
                            f"file {path} ({e.strerror or type(e).__name__}): --cache must be on a "
                            "disk every worker mounts at the same path") from None
-    for k, v in found.items():
-        if not np.isfinite(v).all():
-            raise ClusterError(f"statistics file {path}: {name}|{k} is not finite; delete it to recompute")
-    if "xtx" in found:
-        found["xtx"] = torch.from_numpy(found["xtx"])
-    return TensorStats(**found)
+    except ValueError as e:
+        raise ClusterError(f"statistics file {path} is damaged ({e}); delete it to recompute") from None
+    try:
+        return stats[name] if name in stats else TensorStats()
+    except ValueError as e:  # a member that is not finite
+        raise ClusterError(f"statistics file {path}: {e}; delete it to recompute") from None
+    finally:
+        stats.close()
 
 
 def profile_tensors(names: list[str], types: list[str], cache: ProfileCache,

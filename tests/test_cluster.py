@@ -135,6 +135,18 @@ def test_profile_job_is_small_and_equals_in_memory_profiling(tiny_model, tmp_pat
     assert read_tensor_stats(path, "no.such.weight") == TensorStats()
 
 
+def test_damaged_statistics_file_is_one_line(tmp_path):
+    bad = _stats_file(tmp_path / "nan.npz", {"w": TensorStats(importance=np.array([1.0, np.nan]))})
+    with pytest.raises(ClusterError, match=r"nan.npz: w\|importance is not finite; delete it"):
+        read_tensor_stats(bad, "w")
+    np.savez(tmp_path / "odd.npz", stray=np.zeros(2))
+    with pytest.raises(ClusterError, match=r"odd.npz is damaged \(unexpected member 'stray'\)"):
+        read_tensor_stats(tmp_path / "odd.npz", "w")
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(ClusterError, match="text.npz is damaged"):
+        read_tensor_stats(tmp_path / "text.npz", "w")
+
+
 def test_profile_job_refuses_a_model_it_cannot_see_or_a_different_one(tiny_model, tmp_path):
     from dynsearch.objectives.synthetic import Shape, write_synthetic_model
     from dynsearch.search.pipeline import model_fingerprint
