@@ -111,3 +111,45 @@ def test_quant_cache_scales_with_the_memory_limit():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     cache, limit = map(int, out.split())
     assert limit <= 6 << 30 and cache == min(2 << 30, limit // 8)
+
+
+_PEAK_CODE = """
+import sys, threading, time, numpy as np, torch
+from dynsearch.objectives.synthetic import Shape, write_synthetic_model
+from dynsearch.objectives.gguf_source import GGUFSource
+from dynsearch.objectives.forward import BlockwiseForward
+from dynsearch.search.pipeline import collect_statistics
+torch.set_num_threads(1)
+def anon():
+    for line in open('/proc/self/status'):
+        if line.startswith('RssAnon'):
+            return int(line.split()[1]) * 1024
+L, d = int(sys.argv[1]), sys.argv[2]
+m = write_synthetic_model(f'{d}/m{L}.gguf', Shape(L, 256, 2048, 4, 2, 300, True), seed=L)
+fwd = BlockwiseForward(GGUFSource(m), batch_size=2)
+rng = np.random.default_rng(0)
+calib, fisher = rng.integers(0, 300, (2, 64)), rng.integers(0, 300, (2, 64))
+collect_statistics(fwd, calib[:, :8], fisher[:, :8], 0, progress=False)  # warm up torch's allocator
+base, peak, stop = anon(), [0], threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], anon()); time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
+collect_statistics(fwd, calib, fisher, 0, progress=False, path=f'{d}/s{L}.npz')
+stop.set()
+print(max(peak[0], anon()) - base)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_statistics_peak_memory_does_not_grow_with_layers(tmp_path):
+    """Streamed statistics of a 2- and an 8-layer model whose ffn_down X^T X (2048^2 float64,
+    32 MB a layer) dominates: keeping every layer's would add ~190 MB for the 6 more layers."""
+    grow = {}
+    for n_layer in (2, 8):
+        out = subprocess.run([sys.executable, "-c", _PEAK_CODE, str(n_layer), str(tmp_path)],
+                             capture_output=True, text=True, check=True).stdout
+        grow[n_layer] = int(out.split()[-1])
+    assert grow[2] > 16 << 20  # the sampler saw the layer's statistics at all
+    assert grow[8] - grow[2] < 48 << 20, {k: v >> 20 for k, v in grow.items()}
