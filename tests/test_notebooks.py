@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
-WALKTHROUGH_TIMEOUT = 1500  # seconds for the whole notebook (about 4 minutes on 2 idle cores)
+# Seconds for one cell (the search is the longest) and for the whole notebook. It needs about
+# 6 CPU-minutes; on a machine shared by many jobs the wall time is several times that.
+CELL_TIMEOUT = 1800
+WALKTHROUGH_TIMEOUT = 2700
 
 
 def test_there_are_notebooks():
@@ -33,7 +36,7 @@ def test_notebook_is_stored_stripped(path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(WALKTHROUGH_TIMEOUT + 120)
+@pytest.mark.timeout(WALKTHROUGH_TIMEOUT)
 def test_walkthrough_runs_on_the_demo_model(tmp_path, monkeypatch):
     """Every cell runs without error (nbclient raises CellExecutionError on the first that fails),
     on the real pipeline with the notebook's CI settings; its outputs are what it claims."""
@@ -48,7 +51,7 @@ def test_walkthrough_runs_on_the_demo_model(tmp_path, monkeypatch):
     monkeypatch.setenv("DYNSEARCH_NOTEBOOK_FAST", "1")
     monkeypatch.setenv("DYNSEARCH_NOTEBOOK_DIR", str(work))
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    client = nbclient.NotebookClient(nb, timeout=WALKTHROUGH_TIMEOUT, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     t0 = time.perf_counter()
     client.execute()
