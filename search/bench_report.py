@@ -150,7 +150,9 @@ def comparisons(entries: Sequence[Entry], targets: Sequence[str] = TARGET_MIXES)
 
 
 def _x(r: float | None) -> str:
-    return "-" if r is None else f"{r:.2f}x"
+    if r is None:
+        return "-"
+    return f"{r:.2f}x" if r >= 0.01 or r == 0 else f"{r:.1e}x"  # a near-lossless file: 1.2e-03x, not 0.00x
 
 
 def format_comparison(entries: Sequence[Entry], targets: Sequence[str] = TARGET_MIXES) -> str:
@@ -217,7 +219,7 @@ def plot_pareto(path: Path, entries: Sequence[Entry], title: str = "") -> Path:
             ax.plot(xs, ys, linestyle=style, marker="o", color=colours[kind], alpha=0.9,
                     markerfacecolor=colours[kind] if filled else "none",
                     label=f"{kind} ({'llama.cpp' if filled else 'ours'})")
-            if filled:
+            if filled and kind in ("stock", "source"):  # the other kinds by colour: their labels would pile up
                 for x, (_, e) in zip(xs, pts):
                     ax.annotate(e.label, (x, getattr(e, side)["kld_mean"]), fontsize=7, xytext=(3, 3),
                                 textcoords="offset points")

@@ -164,6 +164,9 @@ def test_comparison_without_a_small_enough_dynsearch_file(tmp_path):
     c = comparisons(e)[0]
     assert c.dynsearch is None and c.verdict("ours") == "no file"
     assert "| - | - | - | - | - | no file | no file | - |" in format_comparison(e)
+    from dynsearch.search.bench_report import _x
+
+    assert (_x(0.0012), _x(0.5), _x(0.0), _x(None)) == ("1.2e-03x", "0.50x", "0.00x", "-")  # near-lossless files
 
 
 # ------------------------------------------------------------------- baselines on a tiny model
