@@ -62,7 +62,8 @@ def test_walkthrough_runs_on_the_demo_model(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "identical to the run's GGUF: True" in text
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
-    assert len(images) >= 4  # optimisation history, (importances, slice,) Pareto, heatmap
+    # optimisation history, Pareto, heatmap (importances and slice only with 3 measured trials)
+    assert len(images) >= 3
     assert (work / "plots" / "pareto.png").is_file() and (work / "plots" / "types.png").is_file()
 
     doc = json.loads((work / "eval.json").read_text())
