@@ -65,6 +65,7 @@ class BenchConfig:
     uniform_types: tuple[str, ...] = tuple(t for t in DEFAULT_TYPES if t != stock.SOURCE_FORMAT)
     with_dynsearch: bool = False  # dynsearch run at each stock mix's file size
     trials: int = 24  # Optuna trials per dynsearch budget
+    types: tuple[str, ...] = ()  # dynsearch's candidate types; empty: DEFAULT_TYPES (never the source format)
     sweep: int = 0  # dynsearch also at this many sizes between the smallest and largest stock mix
     n_random: int = 3  # random feasible assignments per stock mix size ("random" baseline)
     run_eval_tokens: int = 1_024  # held-out tokens of each run's own recipe figure (the bench measures the file)
@@ -253,7 +254,7 @@ def prepare_searches(inp: Inputs, cfg: BenchConfig, targets: dict[str, int], swe
     source format."""
     from .pipeline import RunConfig, prepare, write_run_imatrix
 
-    types = tuple(t for t in DEFAULT_TYPES if t != cfg.source_format)
+    types = tuple(t for t in (cfg.types or DEFAULT_TYPES) if t != cfg.source_format)
     sizes = [*targets.values(), *sweep]
     rc = RunConfig(model=str(inp.ref), budgets=tuple(budget_spec(b) for b in sizes), types=types,
                    calib=cfg.calib, calib_tokens=cfg.calib_tokens, eval_tokens=cfg.run_eval_tokens,
@@ -488,6 +489,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--uniform-types", default=",".join(d.uniform_types))
     ap.add_argument("--with-dynsearch", action="store_true", help="dynsearch run at each stock mix's size")
     ap.add_argument("--trials", type=int, default=d.trials, help="Optuna trials per dynsearch budget")
+    ap.add_argument("--types", default="", help="dynsearch's candidate types, comma-separated (default: dynsearch "
+                    "run's, without the source format)")
     ap.add_argument("--sweep", type=int, default=d.sweep,
                     help="dynsearch also at N sizes spaced geometrically between the smallest and largest stock mix")
     ap.add_argument("--random", type=int, default=d.n_random, dest="n_random",
@@ -508,7 +511,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                    calib=args.calib, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
                    seq_len=args.seq_len, threads=args.threads, device=args.device, ours=not args.no_ours,
                    baselines=_split(args.baselines), uniform_types=_split(args.uniform_types),
-                   with_dynsearch=args.with_dynsearch, trials=args.trials, sweep=args.sweep, n_random=args.n_random,
+                   with_dynsearch=args.with_dynsearch, trials=args.trials, types=_split(args.types), sweep=args.sweep, n_random=args.n_random,
                    run_eval_tokens=args.run_eval_tokens, out=args.out, cache=args.cache)
 
 

@@ -101,6 +101,18 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         bq.prepare(bq.BenchConfig(model=str(txt)))
 
 
+def test_cli_options_reach_the_config():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    bq.add_arguments(ap)
+    cfg = bq.config_from_args(ap.parse_args(["--with-dynsearch", "--types", "Q4_K, Q8_0", "--sweep", "2", "--random", "4",
+                                             "--baselines", "knapsack,random", "--trials", "5"]))
+    assert (cfg.types, cfg.sweep, cfg.n_random, cfg.baselines, cfg.trials) == (("Q4_K", "Q8_0"), 2, 4,
+                                                                              ("knapsack", "random"), 5)
+    assert bq.config_from_args(ap.parse_args([])).types == ()  # dynsearch run's defaults
+
+
 def test_sweep_sizes_are_geometric_and_strictly_between():
     sizes = [90_000_000, 160_000_000, 100_000_000]
     sw = bq.sweep_sizes(sizes, 3)
