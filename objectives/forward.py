@@ -77,7 +77,14 @@ class BlockwiseForward:
             raise ValueError(f"tokens must be (n_seq, seq_len), got shape {tuple(tok.shape)}")
         if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= self.cfg.n_vocab):
             raise ValueError(f"token ids must lie in [0, {self.cfg.n_vocab})")
-        h = torch.nn.functional.embedding(tok, self.weight("token_embd.weight", overrides))
+        rows = getattr(self.source, "load_rows", None)
+        if rows is not None and (overrides is None or "token_embd.weight" not in overrides):
+            # only the rows of the tokens present: the vocabulary-wide table is never resident
+            ids, inv = torch.unique(tok.cpu(), return_inverse=True)
+            table = torch.from_numpy(rows("token_embd.weight", ids.numpy())).to(self.device)
+            h = torch.nn.functional.embedding(inv.to(self.device), table)
+        else:
+            h = torch.nn.functional.embedding(tok, self.weight("token_embd.weight", overrides))
         if self.spec.embed_scale:
             h *= float(np.sqrt(np.float32(self.cfg.n_embd)))
         return h

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from dynsearch.kernels import QT
+from dynsearch.kernels import QT, row_nbytes
 from dynsearch.kernels import dequantize as _kernels_dequantize
 
 from .architectures import architecture, swa_layers_from_pattern
@@ -76,7 +77,32 @@ class GGUFSource:
 
     def load(self, name: str) -> np.ndarray:
         shape = self.shape(name)
-        return self._dequantize(self.raw(name), self.qtype(name), shape[-1]).reshape(shape)
+        raw = self.raw(name)
+        if self.qtype(name) == QT.F32 and self._dequantize is _kernels_dequantize:
+            return raw.view(np.float32).reshape(shape)  # the read array itself: no second copy
+        return self._dequantize(raw, self.qtype(name), shape[-1]).reshape(shape)
+
+    def load_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (int, any order) of 2-D tensor ``name``, float32 (len(rows), n_per_row):
+        only their bytes are read (a token embedding's lookup without the vocabulary-wide table)."""
+        self._check(name)
+        shape, qt = self.shape(name), self.qtype(name)
+        n_per_row = shape[-1]
+        rb = row_nbytes(qt, n_per_row)
+        t = self.header.tensors[name]
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= int(np.prod(shape[:-1]))):
+            raise ModelError(f"{self.path}: row index out of range for tensor {name!r}")
+        out = np.empty((rows.size, rb), dtype=np.uint8)
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                for i, r in enumerate(rows):
+                    got = os.preadv(f.fileno(), [memoryview(out[i])], t.offset + int(r) * rb)
+                    if got != rb:
+                        raise ModelError(f"{self.path}: tensor {name!r} is cut short (file changed or truncated?)")
+        except OSError as e:
+            raise ModelError(f"{self.path}: cannot read tensor {name!r} ({e.strerror or e})") from None
+        return self._dequantize(out.reshape(-1), qt, n_per_row).reshape(rows.size, n_per_row)
 
 
 def _number(value: Any, what: str, kind: type, minimum: float | None = None) -> Any:

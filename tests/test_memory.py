@@ -83,6 +83,28 @@ def test_read_tensor_is_a_copy_equal_to_the_mapped_bytes(model):
         np.testing.assert_array_equal(raw, src.header.data(name))
 
 
+def test_load_rows_equals_the_rows_of_the_whole_tensor(model, tmp_path):
+    from dynsearch.kernels import QT
+    from dynsearch.objectives.errors import ModelError
+
+    q8 = write_synthetic_model(tmp_path / "q8.gguf", SHAPE, seed=4, dtype=QT.Q8_0)
+    ids = np.array([7, 0, SHAPE.n_vocab - 1, 7, 123])
+    for path in (model, q8):
+        src = GGUFSource(path)
+        for name in ("token_embd.weight", "blk.1.ffn_down.weight"):
+            full = src.load(name)
+            np.testing.assert_array_equal(src.load_rows(name, ids % full.shape[0]), full[ids % full.shape[0]])
+        assert src.load_rows("token_embd.weight", []).shape == (0, SHAPE.n_embd)
+        with pytest.raises(ModelError, match="out of range"):
+            src.load_rows("token_embd.weight", [SHAPE.n_vocab])
+    # the embedding of the forward pass reads only those rows and equals the table lookup
+    fwd = BlockwiseForward(GGUFSource(q8))
+    tok = ids.reshape(1, -1)
+    table = fwd.weight("token_embd.weight")
+    torch.testing.assert_close(fwd.embed(tok), torch.nn.functional.embedding(torch.from_numpy(tok), table),
+                               rtol=0, atol=0)
+
+
 def test_quant_error_chunked_equals_one_chunk(monkeypatch):
     rng = np.random.default_rng(1)
     w = rng.standard_normal((37, 16)).astype(np.float32)
@@ -104,7 +126,22 @@ def test_head_batch_bounds_the_logits(model):
     assert [x.shape[0] for _, x in fwd.head(h)] == [2, 2, 1]
 
 
-def test_quant_cache_scales_with_the_memory_limit():
+def test_quant_cache_scales_with_the_memory_limit(monkeypatch):
+    import resource
+
+    from dynsearch.search import memory
+    from dynsearch.search.evaluate import QuantCache
+
+    real = resource.getrlimit
+    for cap in (6 << 30, 1 << 30):
+        monkeypatch.setattr(memory.resource, "getrlimit",
+                            lambda r, cap=cap: (cap, cap) if r == resource.RLIMIT_DATA else real(r))
+        limit = memory.memory_limit()
+        assert limit <= cap and QuantCache().max_bytes == min(2 << 30, limit // 8)
+
+
+@pytest.mark.slow
+def test_memory_limit_reads_a_real_rlimit():
     code = ("import resource; resource.setrlimit(resource.RLIMIT_DATA, (6 << 30, 6 << 30));"
             "from dynsearch.search.evaluate import QuantCache; from dynsearch.search.memory import memory_limit;"
             "print(QuantCache().max_bytes, memory_limit())")
