@@ -65,7 +65,7 @@ def _ratio(e: Entry, by_label: dict[str, Entry], side: str) -> str:
     if e.kind == "stock" or ref is None:
         return ""
     a, b = getattr(e, side).get("kld_mean"), getattr(ref, side).get("kld_mean")
-    return f"{a / b:.2f}x" if a is not None and b else "-"
+    return _x(a / b) if a is not None and b else "-"
 
 
 def format_table(entries: Sequence[Entry]) -> str:
