@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -365,8 +366,10 @@ def test_run_and_two_workers_profile_on_dask(tiny_model, dask_cluster, tmp_path)
             "--storage", f"journal://{log}", "--study-name", "c", "--cache", str(cache),
             "--out", str(tmp_path / "runs"), "--search-workers", "3", "--joblib-backend", "dask",
             "--dask-scheduler", cluster.scheduler_address, "--no-gguf", "--quiet"]
+    t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=600)
+    run_s = time.monotonic() - t0
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     worker_logs = sorted((tmp_path / "runs" / "tiny").glob("worker-c-*.log"))
     assert len(worker_logs) == 2
@@ -419,4 +422,6 @@ def test_run_and_two_workers_profile_on_dask(tiny_model, dask_cluster, tmp_path)
         pids = {job.cache().origin(n, list(TYPES))["pid"] for n in searched}
         assert (os.getpid() in pids) == (backend.name == "threading")
     print(f"\n{len(entries)} profiles on Dask workers {sorted({o['pid'] for o in origins})}; "
-          f"{len(finished)} trials finished by {len(scorers)} of 3 processes")
+          f"{len(finished)} trials finished by {len(scorers)} of 3 processes "
+          f"({sorted(Counter(t.system_attrs[OWNER_ATTR]['pid'] for t in finished).values())}); "
+          f"the run took {run_s:.0f} s")
