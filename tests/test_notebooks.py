@@ -12,7 +12,8 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 # Seconds for one cell (the search is the longest) and for the whole notebook. It needs about
-# 6 CPU-minutes; on a machine shared by many jobs the wall time is several times that.
+# 4 CPU-minutes (232 CPU-s measured); on a machine shared by many jobs the wall time is several
+# times that (11 minutes on 2 cores at a load average of about 10).
 CELL_TIMEOUT = 1800
 WALKTHROUGH_TIMEOUT = 2700
 
