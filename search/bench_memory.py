@@ -112,6 +112,9 @@ class _Cgroup:
         return None
 
     def remove(self) -> None:
+        if self.version == 1:  # uncharge the page cache left behind, or rmdir can keep failing
+            with contextlib.suppress(OSError):
+                (self.path / "memory.force_empty").write_text("0")
         for _ in range(50):
             try:
                 self.path.rmdir()
