@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..kernels import dequantize, quantize
+from ..kernels import dequantize
 from ..objectives.kl import KLAccumulator, mean_kl
 
 

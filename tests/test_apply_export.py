@@ -14,7 +14,7 @@ import pytest
 from gguf import GGUFValueType as VT
 
 from dynsearch.cli import main
-from dynsearch.errors import DynsearchError, ModelError, RecipeError
+from dynsearch.errors import ModelError, RecipeError
 from dynsearch.kernels import effective_type, quantize
 from dynsearch.objectives.gguf_write import write_model
 from dynsearch.objectives.imatrix import ImatrixData, ImatrixEntry, write_imatrix

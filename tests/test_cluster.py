@@ -411,7 +411,6 @@ def test_run_and_two_workers_profile_on_dask(tiny_model, dask_cluster, tmp_path)
     dask_cache = ProfileCache(cache / "profile", key, stats_key)
     dask_rows = [dask_cache.get(n, list(TYPES)) for n in searched]
     assert all(r is not None for r in dask_rows), "the run's cache keys are the ones computed here"
-    src = open_model(tiny_model)
     for backend in (ProfileBackend("loky", n_jobs=2), ProfileBackend("threading", n_jobs=2)):
         folder = tmp_path / f"profile-{backend.name}"
         job = ProfileJob(str(tiny_model), key, str(stats_path), str(folder), stats_key, TYPES)

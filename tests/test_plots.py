@@ -15,7 +15,7 @@ from optuna.trial import TrialState, create_trial
 from dynsearch.cli import main
 from dynsearch.recipes import schema
 from dynsearch.search.pipeline import BUDGET_INDEX_ATTR, RUN_CONFIG_ATTR, RunConfig, config_to_json
-from dynsearch.search.plots import (PlotError, file_axis, load_plot_data, make_plots, pareto_front,
+from dynsearch.search.plots import (file_axis, load_plot_data, make_plots, pareto_front,
                                     type_grid)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
