@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 
 OWNER_ATTR = "dynsearch:owner"  # trial system attr: the worker running it (host, boot, pid, start)
 BEAT_ATTR = "dynsearch:heartbeat"  # trial system attr (journal only): time of the last beat
+# trial system attr: the trial id the owner tag (and beat) above were written for. Optuna's retry
+# copies a failed trial's system attrs into the retry: the dead worker's tag and old beat, which a
+# sweep must not read as the retry's own before its new worker has re-tagged it.
+TAGGED_ATTR = "dynsearch:tagged"
 
 try:  # Optuna >= 4.9 renamed the callback and the RDBStorage argument
     from optuna.storages import RetryHeartbeatStaleTrialCallback as _Retry
@@ -174,6 +178,15 @@ def owner_is_gone(owner: dict) -> bool:
     return start is None or (bool(start) and bool(owner.get("start")) and start != owner["start"])
 
 
+def own_tag(t: FrozenTrial) -> dict | None:
+    """The owner tag written for ``t`` itself; None for an untagged trial or a retry that still
+    carries its failed trial's copy (tags written before TAGGED_ATTR existed count as its own)."""
+    owner = t.system_attrs.get(OWNER_ATTR)
+    if owner is not None and t.system_attrs.get(TAGGED_ATTR, t._trial_id) != t._trial_id:
+        return None
+    return owner
+
+
 class _Sweep:
     """Shared by both storages: tag a trial with its worker as soon as the worker takes it, and
     count as stale the trials of local workers that are gone, and untagged trials older than the
@@ -187,7 +200,10 @@ class _Sweep:
     def _tag(self, trial_id: int) -> None:
         if trial_id not in self._tagged:
             self._tagged.add(trial_id)
+            # in this order: until TAGGED_ATTR names this trial, a sweep treats it as untagged
             self.set_trial_system_attr(trial_id, OWNER_ATTR, this_worker())
+            self.set_trial_system_attr(trial_id, BEAT_ATTR, time.time())
+            self.set_trial_system_attr(trial_id, TAGGED_ATTR, trial_id)
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         trial_id = super().create_new_trial(study_id, template_trial)
@@ -205,7 +221,7 @@ class _Sweep:
         out = []
         now = time.time()
         for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            owner = t.system_attrs.get(OWNER_ATTR)
+            owner = own_tag(t)
             if owner is not None and owner_is_gone(owner):
                 out.append(t._trial_id)
             elif owner is None and t.datetime_start is not None \
@@ -267,7 +283,7 @@ class _Journal(_Sweep, JournalStorage, BaseHeartbeat):
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         now = time.time()
         stale = {t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-                 if now - float(t.system_attrs.get(BEAT_ATTR, now)) > self.grace_period}
+                 if own_tag(t) is not None and now - float(t.system_attrs.get(BEAT_ATTR, now)) > self.grace_period}
         return sorted(stale | set(self._more_stale(study_id)))
 
     def get_heartbeat_interval(self) -> int | None:

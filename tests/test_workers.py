@@ -29,8 +29,8 @@ from dynsearch.cli import main as cli_main
 from dynsearch.errors import StorageError
 from dynsearch.search.space import parse_choice_key
 from dynsearch.search.status import format_table, storage_status
-from dynsearch.search.storage import (OWNER_ATTR, StorageSettings, open_storage, redact,
-                                      repair_journal, sweep_stale)
+from dynsearch.search.storage import (BEAT_ATTR, OWNER_ATTR, StorageSettings, _Sweep, open_storage, own_tag,
+                                      redact, repair_journal, sweep_stale, this_worker)
 from dynsearch.search.study import REFIT_TRIAL_ATTR, best_result, open_study, run_study
 from dynsearch.search.worker import work
 
@@ -91,7 +91,7 @@ def test_three_workers_two_killed_mid_trial(storage_url, tmp_path):
             w.wait(10)
         trials = _trials(storage, name)  # (the survivor may have failed them already)
         killed = {t.number for w in workers[:2] for t in trials if t.state not in FINISHED_OK
-                  and t.system_attrs.get(OWNER_ATTR, {}).get("pid") == w.pid}
+                  and (own_tag(t) or {}).get("pid") == w.pid}  # (not a retry's copy of the tag)
         assert len(killed) == 2, "each victim died inside a trial"
         # restart two workers; with the survivor they finish the study
         workers += [_spawn(storage_url, name, n, sleep, tmp_path) for _ in range(2)]
@@ -158,6 +158,32 @@ def test_stale_by_heartbeat_when_the_worker_is_elsewhere(storage_url):
     trials = study.get_trials()
     assert trials[trial.number].state == TrialState.FAIL
     assert [t.system_attrs.get("failed_trial") for t in trials].count(trial.number) == 1
+
+
+def test_a_retry_taken_but_not_yet_tagged_is_not_stale(storage_url):
+    """Optuna's retry copies the failed trial's system attrs into the retry: its dead worker's
+    owner tag and, on a journal, its old beat. In the instant between a live worker taking the
+    retry and re-tagging it, a sweep by another worker must not read that copy as the retry's own
+    and fail it (seen in CI: test_three_workers_two_killed_mid_trial[journal])."""
+    storage = open_storage(storage_url, StorageSettings(heartbeat_interval=1, grace_period=30))
+    space = tiny_space()
+    study = open_study(storage, _name(), space, tiny_settings(space, 4))
+    trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)
+    dead = {**this_worker(), "pid": 2**22 + 12345, "start": "1"}  # above pid_max: no such process
+    storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, dead)
+    storage.set_trial_system_attr(trial._trial_id, BEAT_ATTR, time.time() - 3600)
+    sweep_stale(study)  # another worker finds the dead worker's trial and re-queues it
+    retry = next(t for t in study.get_trials() if t.system_attrs.get("failed_trial") == trial.number)
+    assert retry.state == TrialState.WAITING and retry.system_attrs[OWNER_ATTR] == dead  # the copy
+    # a live worker takes the retry; the state change lands before its own tag (the window)
+    assert super(_Sweep, storage).set_trial_state_values(retry._trial_id, TrialState.RUNNING)
+    sweep_stale(study)
+    assert study.get_trials()[retry.number].state == TrialState.RUNNING
+    storage.record_heartbeat(retry._trial_id)  # the worker's first beat tags it as its own
+    assert own_tag(study.get_trials()[retry.number]) == this_worker()
+    sweep_stale(study)
+    assert study.get_trials()[retry.number].state == TrialState.RUNNING
 
 
 @pytest.mark.parametrize("beats", [True, False])
