@@ -237,6 +237,14 @@ class _RDB(_Sweep, RDBStorage):
         if self.engine.dialect.name == "sqlite":
             _serialize_sqlite(self.engine)
 
+    def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
+        # Optuna's _CachedStorage (how a Study holds an RDB storage) creates trials through this
+        # private method, not create_new_trial: tag here, before the objective starts
+        trial = super()._create_new_trial(study_id, template_trial)
+        if template_trial is None or template_trial.state == TrialState.RUNNING:
+            self._tag(trial._trial_id)
+        return trial
+
     def record_heartbeat(self, trial_id: int) -> None:
         self._tag(trial_id)  # already done when this process took the trial; kept for safety
         super().record_heartbeat(trial_id)

@@ -29,7 +29,7 @@ from dynsearch.cli import main as cli_main
 from dynsearch.errors import StorageError
 from dynsearch.search.space import parse_choice_key
 from dynsearch.search.status import format_table, storage_status
-from dynsearch.search.storage import (BEAT_ATTR, OWNER_ATTR, StorageSettings, _Sweep, open_storage, own_tag,
+from dynsearch.search.storage import (BEAT_ATTR, OWNER_ATTR, TAGGED_ATTR, StorageSettings, _Sweep, open_storage, own_tag,
                                       redact, repair_journal, sweep_stale, this_worker)
 from dynsearch.search.study import REFIT_TRIAL_ATTR, best_result, open_study, run_study
 from dynsearch.search.worker import work
@@ -160,6 +160,19 @@ def test_stale_by_heartbeat_when_the_worker_is_elsewhere(storage_url):
     assert [t.system_attrs.get("failed_trial") for t in trials].count(trial.number) == 1
 
 
+def test_a_new_trial_is_tagged_before_its_objective_runs(storage_url):
+    """The owner tag is written when the trial is created, not at its first heartbeat: a worker
+    killed at the start of its objective leaves a trial that names it (an RDB Study creates
+    trials through the storage's private ``_create_new_trial``, which the tag must cover)."""
+    storage = open_storage(storage_url, StorageSettings(heartbeat_interval=60, grace_period=120))
+    space = tiny_space()
+    study = open_study(storage, _name(), space, tiny_settings(space, 4))
+    study.ask()  # the queued seed
+    trial = study.ask()  # a new trial
+    stored = study.get_trials()[trial.number]
+    assert own_tag(stored) == this_worker() and stored.system_attrs.get(TAGGED_ATTR) == stored._trial_id
+
+
 def test_a_retry_taken_but_not_yet_tagged_is_not_stale(storage_url):
     """Optuna's retry copies the failed trial's system attrs into the retry: its dead worker's
     owner tag and, on a journal, its old beat. In the instant between a live worker taking the
@@ -211,9 +224,12 @@ def test_long_gil_free_kernel_keeps_its_trial_alive(tmp_path, beats, monkeypatch
     other = optuna.load_study(study_name="long", storage=sweeper)
     rows = np.random.default_rng(0).standard_normal((64, 4096)).astype(np.float32)
     quantize(rows[:1], "IQ3_XXS")  # compiled (or loaded from numba's cache) before timing
-    t0 = time.perf_counter()
-    quantize(rows, "IQ3_XXS")
-    reps = max(1, math.ceil(3.0 / max(time.perf_counter() - t0, 1e-3)))  # one call of ~3 s
+    took = []
+    for _ in range(2):  # the faster of two timings: warm-up made a 3 s target land at 1.9 s once
+        t0 = time.perf_counter()
+        quantize(rows, "IQ3_XXS")
+        took.append(time.perf_counter() - t0)
+    reps = max(1, math.ceil(4.0 / max(min(took), 1e-3)))  # one call of ~4 s (> grace + 1)
     big = np.tile(rows, (reps, 1))
     swept, stop = [], threading.Event()
 
