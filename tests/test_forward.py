@@ -56,18 +56,20 @@ def llama_cpp():
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp reference) is not installed")
 
 
-@pytest.fixture(scope="module")
-def chunks(llama_cpp) -> np.ndarray:
-    """(N_CHUNKS, N_CTX) tokens of English text, tokenized by llama.cpp with the demo vocab."""
+def english_chunks(llama_cpp, n_ctx: int, n_chunks: int) -> np.ndarray:
+    """(n_chunks, n_ctx) tokens of English text, tokenized by llama.cpp with the demo vocab."""
     vocab = llama_cpp.Llama(model_path=str(_demo_path()), vocab_only=True, verbose=False)
     toks = vocab.tokenize(_english_text().encode(), add_bos=False, special=False)
-    assert len(toks) >= N_CTX * N_CHUNKS, f"only {len(toks)} tokens of text"
-    return np.asarray(toks[: N_CTX * N_CHUNKS], dtype=np.int64).reshape(N_CHUNKS, N_CTX)
+    assert len(toks) >= n_ctx * n_chunks, f"only {len(toks)} tokens of text"
+    return np.asarray(toks[: n_ctx * n_chunks], dtype=np.int64).reshape(n_chunks, n_ctx)
 
 
-def _llamacpp_logprobs(llama_cpp, path: Path, chunks: np.ndarray) -> torch.Tensor:
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=N_CTX, n_batch=N_CTX,
-                          n_threads=2, verbose=False)
+def llamacpp_logprobs(llama_cpp, path: Path, chunks: np.ndarray, **options) -> torch.Tensor:
+    """llama.cpp's log-probabilities at every position of each chunk (one context per chunk);
+    ``options`` go to ``Llama`` (e.g. ``type_k=0, type_v=0`` for an F32 KV cache)."""
+    n_ctx = chunks.shape[1]
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
+                          n_threads=2, verbose=False, **options)
     out = []
     for c in chunks:
         llm.reset()
@@ -75,6 +77,11 @@ def _llamacpp_logprobs(llama_cpp, path: Path, chunks: np.ndarray) -> torch.Tenso
         out.append(torch.from_numpy(np.array(llm.scores[: len(c)], dtype=np.float64)))
     del llm
     return torch.log_softmax(torch.stack(out), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def chunks(llama_cpp) -> np.ndarray:
+    return english_chunks(llama_cpp, N_CTX, N_CHUNKS)
 
 
 def _mean_kl(ref_logp: torch.Tensor, fwd: BlockwiseForward, chunks: np.ndarray, overrides=None) -> float:
@@ -162,7 +169,7 @@ def write_tiny_model(arch: str, dst: Path, seed: int = 0) -> Path:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_tiny_model_matches_llamacpp(arch, llama_cpp, chunks, tmp_path):
     path = write_tiny_model(arch, tmp_path / f"{arch}.gguf")
-    ref = _llamacpp_logprobs(llama_cpp, path, chunks)
+    ref = llamacpp_logprobs(llama_cpp, path, chunks)
     fwd = BlockwiseForward(GGUFSource(path), batch_size=2)
     kl = _mean_kl(ref, fwd, chunks)
     print(f"{arch}: mean KL(llama.cpp || ours) = {kl:.3e}")
@@ -173,7 +180,7 @@ def test_tiny_model_matches_llamacpp(arch, llama_cpp, chunks, tmp_path):
 @pytest.mark.slow
 def test_demo_model_f32_matches_llamacpp(llama_cpp, chunks, tmp_path_factory):
     path = write_dequantized_copy(_demo_path(), tmp_path_factory.mktemp("demo") / "smollm2-f32.gguf")
-    ref = _llamacpp_logprobs(llama_cpp, path, chunks)
+    ref = llamacpp_logprobs(llama_cpp, path, chunks)
     torch.set_num_threads(2)
     fwd = BlockwiseForward(GGUFSource(path), batch_size=2)
     kl = _mean_kl(ref, fwd, chunks)

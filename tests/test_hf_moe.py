@@ -28,7 +28,7 @@ from dynsearch.objectives.gguf_source import GGUFSource
 from dynsearch.objectives.gguf_write import write_model
 from dynsearch.objectives.hf_source import SafetensorsSource
 
-from test_forward import _demo_path
+from test_forward import _demo_path, llamacpp_logprobs
 
 transformers = pytest.importorskip("transformers", reason="transformers (the HF reference) is not installed")
 
@@ -156,15 +156,8 @@ def test_llamacpp_runs_the_mapped_checkpoint(arch, saved, tmp_path):
     path = write_model(tmp_path / f"{arch}.gguf", arch, GGUFHeader(_demo_path()), _converter_metadata(src),
                        {n: src.load(n) for n in src.names()}, keep=lambda k: k.startswith("tokenizer."))
     assert GGUFSource(path).config == dataclasses.replace(src.config, rms_eps=float(np.float32(src.config.rms_eps)))
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=T, n_batch=T, n_threads=2,
-                          verbose=False, type_k=0, type_v=0)  # F32 KV cache, as in test_moe
-    got = []
-    for row in TOKENS:
-        llm.reset()
-        llm.eval(row.tolist())
-        got.append(torch.from_numpy(np.array(llm.scores[:T], dtype=np.float64)))
-    del llm
-    kl = _kl(want, torch.stack(got))
+    got = llamacpp_logprobs(llama_cpp, path, TOKENS, type_k=0, type_v=0)  # F32 KV cache, as in test_moe
+    kl = _kl(want, got)
     print(f"{arch}: mean KL(transformers || llama.cpp on the mapped GGUF) = {kl:.3e}")
     assert kl < 1e-6, kl
 

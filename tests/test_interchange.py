@@ -27,6 +27,8 @@ from dynsearch.recipes import schema
 from dynsearch.recipes.apply import RECIPE_KEY, ImatrixFile, apply_recipe
 from dynsearch.recipes.export import export_llama_quantize
 
+from test_forward import llamacpp_logprobs
+
 pytestmark = pytest.mark.slow
 
 # Measured (two 19-type mixes, 512 tokens): KL(llama.cpp on our file || our forward) 6.7e-3 and
@@ -153,15 +155,7 @@ def test_tensors_byte_identical_to_llama_quantize(files):
 def _llama_cpp_logprobs(path: Path, tokens: np.ndarray) -> torch.Tensor:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=SEQ, n_batch=SEQ, n_threads=2,
-                          verbose=False)
-    out = []
-    for seq in tokens:
-        llm.reset()
-        llm.eval(seq.tolist())
-        out.append(torch.from_numpy(np.array(llm.scores[:SEQ], dtype=np.float64)))
-    del llm
-    return torch.log_softmax(torch.stack(out), dim=-1)
+    return llamacpp_logprobs(llama_cpp, path, tokens)
 
 
 def _mean_kl(p: torch.Tensor, q: torch.Tensor) -> float:

@@ -24,7 +24,7 @@ from dynsearch.objectives.gguf_source import GGUFSource
 from dynsearch.objectives.gguf_write import write_model
 from dynsearch.objectives.synthetic import Shape, write_synthetic_model
 
-from test_forward import _demo_path, _english_text, KL_MAX
+from test_forward import KL_MAX, _demo_path, english_chunks, llamacpp_logprobs
 
 N_CTX = 256
 N_CHUNKS = 2  # 512 tokens
@@ -46,9 +46,7 @@ def llama_cpp():
 
 @pytest.fixture(scope="module")
 def chunks(llama_cpp) -> np.ndarray:
-    vocab = llama_cpp.Llama(model_path=str(_demo_path()), vocab_only=True, verbose=False)
-    toks = vocab.tokenize(_english_text().encode(), add_bos=False, special=False)
-    return np.asarray(toks[: N_CTX * N_CHUNKS], dtype=np.int64).reshape(N_CHUNKS, N_CTX)
+    return english_chunks(llama_cpp, N_CTX, N_CHUNKS)
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +57,7 @@ def models(tmp_path_factory) -> dict:
 
 
 def _llamacpp_logprobs(llama_cpp, path, chunks: np.ndarray) -> torch.Tensor:
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=N_CTX, n_batch=N_CTX, n_threads=2,
-                          verbose=False, type_k=0, type_v=0)  # GGML_TYPE_F32 KV cache
-    out = []
-    for c in chunks:
-        llm.reset()
-        llm.eval(c.tolist())
-        out.append(torch.from_numpy(np.array(llm.scores[: len(c)], dtype=np.float64)))
-    del llm
-    return torch.log_softmax(torch.stack(out), dim=-1)
+    return llamacpp_logprobs(llama_cpp, path, chunks, type_k=0, type_v=0)  # GGML_TYPE_F32 KV cache
 
 
 def _mean_kl(ref: torch.Tensor, fwd: BlockwiseForward, chunks, overrides=None, capture=None) -> float:
