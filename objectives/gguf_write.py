@@ -64,13 +64,13 @@ def metadata_writer(path: str | Path, header: GGUFHeader,
     return writer
 
 
-def encode(w: np.ndarray, qtype: QT, importance: np.ndarray | None = None) -> np.ndarray:
+def encode(w: np.ndarray, qtype: QT | str, importance: np.ndarray | None = None) -> np.ndarray:
     """float32 (..., n_per_row) -> the data GGUF stores for ``qtype``: float32 for F32, else blocks.
 
     ``importance`` is one vector per matrix, (n_mat, n_per_row), where n_mat is the number of
     experts of a 3-D tensor (each expert is quantized with its own, as llama-quantize does) or 1.
     """
-    if qtype == QT.F32:
+    if parse_qtype(qtype) == QT.F32:
         return np.ascontiguousarray(w, dtype=np.float32)
     if importance is None:
         return quantize(w.reshape(-1, w.shape[-1]), qtype)

@@ -32,7 +32,8 @@ import torch
 
 from ..atomic import atomic_open
 from ..errors import ClusterError
-from ..kernels import dequantize, effective_type, quantize, tensor_nbytes
+from ..kernels import dequantize, effective_type, tensor_nbytes
+from ..objectives.gguf_write import encode
 from .cluster import ProfileBackend, describe_error, joblib_backend
 
 log = logging.getLogger(__name__)
@@ -101,16 +102,16 @@ def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
 
 def quantize_tensor(w: np.ndarray, qtype: str, importance: np.ndarray | None) -> np.ndarray:
     """GGUF blocks of ``w`` (..., n_per_row), each matrix of a 3-D expert stack quantized with its
-    own slice of a per-expert importance vector (n_mat * n_per_row), as llama-quantize does."""
+    own slice of a per-expert importance vector (n_mat * n_per_row), as llama-quantize does (the
+    split is :func:`~dynsearch.objectives.gguf_write.encode`'s, which ``apply`` writes with)."""
     n_per_row = w.shape[-1]
     rows = np.ascontiguousarray(w.reshape(-1, n_per_row), dtype=np.float32)
-    if importance is None or np.size(importance) == n_per_row:
-        return quantize(rows, qtype, importance)
+    if importance is None:
+        return encode(rows, qtype)
     n_mat = np.size(importance) // n_per_row
     if n_mat * n_per_row != np.size(importance) or rows.shape[0] % n_mat:
         raise ValueError(f"importance of {np.size(importance)} values does not fit a tensor of shape {w.shape}")
-    imp = np.asarray(importance, dtype=np.float32).reshape(n_mat, n_per_row)
-    return np.concatenate([quantize(m, qtype, i) for m, i in zip(rows.reshape(n_mat, -1, n_per_row), imp)])
+    return encode(rows, qtype, np.asarray(importance, dtype=np.float32).reshape(n_mat, n_per_row))
 
 
 def tensor_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
