@@ -259,14 +259,6 @@ def collect_statistics(forward, calib_tokens: np.ndarray, fisher_tokens: np.ndar
     return sink.stats if path is None else StatsFile(path)
 
 
-def save_stats(path: Path, stats: Mapping[str, TensorStats]) -> None:
-    from .stats_store import StatsWriter
-
-    with StatsWriter(path) as w:
-        for name, st in stats.items():
-            w.add_stats(name, st)
-
-
 def load_stats(path: Path) -> Mapping[str, TensorStats] | None:
     """The statistics file, opened lazily (each tensor's members read when asked for); its list
     of members and its small vectors are checked now, the X^T X matrices when read."""

@@ -218,7 +218,7 @@ class ProfileJob:
 
     model_path: str  # absolute path of the .gguf file or Hugging Face folder
     model_key: str  # its fingerprint (checked on the worker: a different file is an error)
-    stats_path: str  # the run's statistics .npz (pipeline.save_stats' layout)
+    stats_path: str  # the run's statistics .npz (stats_store's layout)
     cache_folder: str  # the profile cache every process shares
     stats_key: str
     types: tuple[str, ...]
