@@ -13,7 +13,6 @@ profiler's error term (2 x rows x n_in^2 FLOPs per tensor and type: ``dW H dW^T`
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -71,7 +70,9 @@ class CostEstimate:
 
 
 def _cache_path() -> Path:
-    return Path(os.environ.get("DYNSEARCH_CACHE", Path.home() / ".cache" / "dynsearch")) / "throughput.json"
+    from ..objectives.llamacpp import cache_root
+
+    return cache_root() / "throughput.json"
 
 
 def measure_matmul_flops(n: int = 1024, repeat: int = 3) -> float:
