@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_write_text
 
 # Kinds of entries, in the order the table and the plot's legend list them.
 KINDS = ("stock", "source", "uniform", "knapsack", "random", "dynsearch")
@@ -230,7 +230,8 @@ def plot_pareto(path: Path, entries: Sequence[Entry], title: str = "") -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    from .plots import save_png
+
+    save_png(fig, path)
     plt.close(fig)
     return path

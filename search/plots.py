@@ -430,12 +430,6 @@ def plot_types(path: str | Path, grid: TypeGrid, title: str = "") -> Path:
 # The command
 
 
-def _slug(s: str) -> str:
-    from .pipeline import _slug as slug
-
-    return slug(s)
-
-
 def recipe_title(recipe: schema.Recipe) -> str:
     a = recipe.achieved
     size = format_bytes(int(a["bytes_estimate"])) if isinstance(a.get("bytes_estimate"), (int, float)) else ""
@@ -460,6 +454,8 @@ def make_plots(target: str | Path | None, out_dir: str | Path | None = None, sto
             raise PlotError("a recipe is plotted alone: --storage, --study-name and --budget apply to "
                             "a run folder")
         return [plot_recipe(target, out_dir or Path(target).parent)]
+    from .pipeline import _slug  # budgets named in file names as the run names them
+
     data = load_plot_data(target, storage, study_name, budget)
     out = Path(out_dir) if out_dir is not None else Path(target) if target is not None else Path(".")
     title = (data[0].recipe.model.name + ": " if data[0].recipe is not None else "") + \
