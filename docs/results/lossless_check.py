@@ -3,6 +3,7 @@ of MODEL (the F32 copy of a quantized GGUF), the first ROWS rows quantized with 
 imatrix to each TYPE and back; prints how many come back bit-exact and the worst relative error.
 
     python docs/results/lossless_check.py MODEL.gguf IMATRIX.gguf [--types Q5_1,Q8_0] [--rows 64]
+    python docs/results/lossless_check.py --share Q5_1 FILE.gguf ...   # share of weights in a type
 
 (the README's "Results": Q5_1 with the imatrix reproduces the demo's Q4_1 grid).
 """
@@ -14,18 +15,33 @@ import argparse
 import numpy as np
 
 from dynsearch.kernels import dequantize, effective_type, quantize
+from dynsearch.objectives.gguf_header import GGUFHeader
 from dynsearch.objectives.gguf_source import GGUFSource
 from dynsearch.recipes.apply import ImatrixFile
 
 
+def share(qtype: str, paths: list[str]) -> None:
+    for p in paths:
+        tensors = GGUFHeader(p).tensors.values()
+        total = sum(int(np.prod(t.shape)) for t in tensors)
+        part = sum(int(np.prod(t.shape)) for t in tensors if t.qtype.name == qtype)
+        print(f"{p}: {100 * part / total:.0f}% of the weights in {qtype}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model")
-    ap.add_argument("imatrix")
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("imatrix", nargs="?")
+    ap.add_argument("--share", metavar="TYPE", help="print each file's share of weights in TYPE")
+    ap.add_argument("files", nargs="*", help="GGUF files for --share")
     ap.add_argument("--types", default="Q5_1,Q8_0")
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--no-imatrix", action="store_true")
     args = ap.parse_args()
+    if args.share:
+        return share(args.share, [f for f in (args.model, args.imatrix, *args.files) if f])
+    if not (args.model and args.imatrix):
+        ap.error("give MODEL and IMATRIX (or --share TYPE FILE...)")
     src, imat = GGUFSource(args.model), ImatrixFile.read(args.imatrix)
     names = [n for n in src.names() if len(src.shape(n)) == 2 and n.endswith(".weight")
              and not n.startswith("token_embd")]
