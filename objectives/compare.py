@@ -154,11 +154,13 @@ def _scored_hidden(forward, chunks: np.ndarray) -> torch.Tensor:
 
 
 def _kl_stats(ref_fwd, ref_hidden: torch.Tensor, fwd, hidden: torch.Tensor, targets: np.ndarray) -> KLStats:
+    """KL statistics of the scored rows, a few dozen at a time (``head_rows``)."""
     acc = KLAccumulator()
-    for (s, ref), (_, cand) in zip(ref_fwd.head(ref_hidden), fwd.head(hidden)):
-        b = ref.shape[0]
-        tgt = torch.as_tensor(targets[s:s + b].reshape(-1), dtype=torch.long)
-        acc.update(ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1]), tgt)
+    d = hidden.shape[-1]
+    tgt = torch.as_tensor(np.asarray(targets).reshape(-1), dtype=torch.long)
+    for (s, ref), (_, cand) in zip(ref_fwd.head_rows(ref_hidden.reshape(-1, d)),
+                                   fwd.head_rows(hidden.reshape(-1, d))):
+        acc.update(ref, cand, tgt[s:s + ref.shape[0]])
     return acc.result()
 
 

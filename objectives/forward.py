@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 Overrides = Mapping[str, "np.ndarray | torch.Tensor"]
 
 HEAD_BYTES = 128 << 20  # float32 logits of one head batch, at most (but always one sequence)
+HEAD_ROWS_BYTES = 8 << 20  # float32 logits of one chunk of :meth:`BlockwiseForward.head_rows`
 
 
 class BlockwiseForward:
@@ -128,27 +129,54 @@ class BlockwiseForward:
         per_seq = 4 * max(1, seq_len) * self.cfg.n_vocab
         return max(1, min(self.batch_size, self.head_bytes // per_seq))
 
+    def head_weights(self, overrides: Overrides | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output norm, lm head) on the device; the head is the token embedding when tied."""
+        return (self.weight("output_norm.weight", overrides),
+                self.weight(self.head_name, overrides))
+
+    @property
+    def head_name(self) -> str:
+        return "output.weight" if self._has_output else "token_embd.weight"  # tied embeddings
+
+    def _head(self, x: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor], log_probs: bool,
+              capture: Capture | None = None) -> torch.Tensor:
+        norm, w_out = weights
+        cap = self.cfg.final_logit_softcap
+        with torch.inference_mode():
+            x = rms_norm(x, norm, self.cfg.rms_eps)
+            if capture is not None:
+                capture(self.head_name, x.reshape(-1, x.shape[-1]))
+            logits = torch.nn.functional.linear(x, w_out)
+            if cap > 0:
+                logits = torch.tanh(logits / cap) * cap
+            return torch.log_softmax(logits, dim=-1) if log_probs else logits
+
     def head(self, hidden: torch.Tensor, overrides: Overrides | None = None, capture: Capture | None = None,
              log_probs: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
         """(start, logits (B, T, n_vocab)) per batch of sequences (:meth:`head_batch`): output
         norm, lm head, softcap."""
-        out_name = "output.weight" if self._has_output else "token_embd.weight"  # tied embeddings
-        norm, w_out = self.weight("output_norm.weight", overrides), self.weight(out_name, overrides)
-        cap = self.cfg.final_logit_softcap
+        weights = self.head_weights(overrides)
         hb = self.head_batch(hidden.shape[1])
         for s in range(0, hidden.shape[0], hb):
             # inference mode only around the computation, never across the yield: a suspended
             # generator holding it would leak it to the caller (and two interleaved ones, as
             # in KL evaluation, would restore each other's state: grad mode left off)
-            with torch.inference_mode():
-                x = rms_norm(hidden[s:s + hb], norm, self.cfg.rms_eps)
-                if capture is not None:
-                    capture(out_name, x.reshape(-1, x.shape[-1]))
-                logits = torch.nn.functional.linear(x, w_out)
-                if cap > 0:
-                    logits = torch.tanh(logits / cap) * cap
-                out = torch.log_softmax(logits, dim=-1) if log_probs else logits
-            yield s, out
+            yield s, self._head(hidden[s:s + hb], weights, log_probs, capture)
+
+    def head_rows(self, rows: torch.Tensor, overrides: Overrides | None = None, log_probs: bool = False,
+                  weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, logits (n, n_vocab)) per chunk of ``rows`` (N, d) -- residual-stream rows of any
+        sequences -- whose float32 logits fit ``HEAD_ROWS_BYTES`` (so a vocabulary-wide array is
+        never held for more than a few dozen tokens, however long the sequences). ``weights``:
+        :meth:`head_weights`, loaded once by a caller that calls this more than once."""
+        weights = weights if weights is not None else self.head_weights(overrides)
+        step = self.head_rows_step()
+        for s in range(0, rows.shape[0], step):
+            yield s, self._head(rows[s:s + step], weights, log_probs)
+
+    def head_rows_step(self) -> int:
+        """Rows per chunk of :meth:`head_rows`."""
+        return max(1, HEAD_ROWS_BYTES // (4 * self.cfg.n_vocab))
 
     def hidden_states(self, tokens: np.ndarray | torch.Tensor, overrides: Overrides | None = None,
                       capture: Capture | None = None) -> torch.Tensor:

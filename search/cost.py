@@ -144,7 +144,7 @@ def estimate(source, cfg, tp: Throughput | None = None) -> CostEstimate:
     """Cost of ``dynsearch run`` with ``cfg`` (a RunConfig) on ``source``, from ``tp`` (default:
     this machine's, measured once and cached)."""
     from ..objectives.activations import input_group
-    from ..objectives.forward import HEAD_BYTES
+    from ..objectives.forward import HEAD_ROWS_BYTES
     from .evaluate import default_cache_bytes
     from .sensitivity import HEAD_CHUNK_BYTES
 
@@ -184,17 +184,16 @@ def estimate(source, cfg, tp: Throughput | None = None) -> CostEstimate:
     write_s = n_budgets * quant_model_s if cfg.write_gguf else 0.0
 
     # memory: the floor, one block's weights twice (the model's and a candidate's), the largest
-    # layer's X^T X (float64, per distinct input), the hidden states, the head and its batch,
-    # the quantized-tensor cache
+    # layer's X^T X (float64, per distinct input), the hidden states, the head (the model's and a
+    # candidate's) with its chunk of logits and their float64 KL temporaries, or a profiling
+    # worker's tensors, whichever is more; the quantized-tensor cache
     d = mc.n_embd
     layers = [[n for n in shapes if n.startswith(f"blk.{il}.")] for il in range(mc.n_layer)]
     block_bytes = max((4 * sum(int(np.prod(shapes[n])) for n in ns) for ns in layers), default=0)
     grams = max((8 * sum({input_group(n): shapes[n][-1] ** 2 for n in ns if len(shapes[n]) == 2}.values())
                  for ns in layers), default=0)
     hidden = 4 * d * (cfg.calib_tokens + cfg.search_tokens + cfg.eval_tokens) * 2
-    per_seq = 4 * cfg.seq_len * mc.n_vocab  # float32 logits of one sequence
-    head_batch = max(1, min(4, HEAD_BYTES // per_seq)) * per_seq  # forward.head_batch's
-    head = 4 * head_params * 2 + 4 * head_batch + 6 * HEAD_CHUNK_BYTES
+    head = 4 * head_params * 2 + max(12 * HEAD_ROWS_BYTES, 6 * HEAD_CHUNK_BYTES)
     largest = max(4 * int(np.prod(s)) for s in shapes.values())
     per_worker = 3 * largest  # a tensor, its dequantized candidate, chunks of the error term
     qcache = min(default_cache_bytes(), sum(tensor_nbytes(shapes[n], eff[n][-1]) for n in names))

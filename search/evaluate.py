@@ -21,7 +21,6 @@ from ..kernels import dequantize
 from ..objectives.kl import KLAccumulator, mean_kl
 
 
-KL_CHUNK_BYTES = 16 << 20  # float32 (tokens, n_vocab) rows scored at once by mean_kl
 CACHE_MAX_BYTES = 2 << 30  # QuantCache's default ceiling
 CACHE_SHARE = 8  # ... and at most this fraction (1/8) of the memory the process may use
 
@@ -103,6 +102,9 @@ class QuantizedWeights(Mapping):
             q = self.cache.get((name, qtype), lambda: self._quantized(name, qtype))
         return dequantize(q, qtype, shape[-1]).reshape(shape)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's own would build the tensor to find out
+        return name in self.assignment
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.assignment)
 
@@ -118,33 +120,37 @@ class KLEvaluator:
         self.tokens = np.asarray(tokens)
         self.ref_hidden = forward.hidden_states(self.tokens)  # (n_seq, T, d), the reference
 
-    def _ref_logprobs(self) -> Iterator[tuple[int, torch.Tensor]]:
-        yield from self.forward.head(self.ref_hidden, log_probs=True)
+    def _pairs(self, overrides: Mapping[str, np.ndarray], positions: slice
+               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(start, reference log-probs, candidate logits), each (n, n_vocab), per chunk of the
+        rows at ``positions`` of every sequence (flattened: sequence-major), a few dozen rows at a
+        time (:meth:`BlockwiseForward.head_rows`): no vocabulary-wide array of a whole sequence."""
+        fwd = self.forward
+        hidden = fwd.hidden_states(self.tokens, overrides)
+        d = hidden.shape[-1]
+        ref_w = fwd.head_weights()
+        own = any(n in overrides for n in ("output_norm.weight", fwd.head_name))
+        cand_w = fwd.head_weights(overrides) if own else ref_w  # one copy where the head is kept
+        ref_rows = self.ref_hidden[:, positions].reshape(-1, d)
+        rows = hidden[:, positions].reshape(-1, d)
+        for (s, ref), (_, cand) in zip(fwd.head_rows(ref_rows, log_probs=True, weights=ref_w),
+                                       fwd.head_rows(rows, weights=cand_w)):
+            yield s, ref, cand
 
     def mean_kl(self, overrides: Mapping[str, np.ndarray]) -> float:
         """Mean over all token positions of KL(ref || candidate)."""
-        hidden = self.forward.hidden_states(self.tokens, overrides)
         total, count = 0.0, 0
-        for (s, ref), (_, cand) in zip(self._ref_logprobs(), self.forward.head(hidden, overrides)):
-            n = ref.shape[0] * ref.shape[1]
-            ref, cand = ref.reshape(n, -1), cand.reshape(n, -1)
-            step = max(1, KL_CHUNK_BYTES // (4 * ref.shape[1]))  # bounds mean_kl's temporaries
-            for r in range(0, n, step):
-                m = min(step, n - r)
-                total += mean_kl(ref[r:r + m], cand[r:r + m]) * m
-            count += n
+        for _, ref, cand in self._pairs(overrides, slice(None)):
+            total += mean_kl(ref, cand) * ref.shape[0]
+            count += ref.shape[0]
         return total / count
 
     def stats(self, overrides: Mapping[str, np.ndarray], skip_first_half: bool = True):
         """The full llama-perplexity statistics (second half of each sequence scored, as it does)."""
-        hidden = self.forward.hidden_states(self.tokens, overrides)
         acc = KLAccumulator()
         T = self.tokens.shape[1]
         first = T // 2 if skip_first_half else 0
-        for (s, ref), (_, cand) in zip(self._ref_logprobs(), self.forward.head(hidden, overrides)):
-            b = ref.shape[0]
-            tgt = torch.as_tensor(self.tokens[s:s + b, first + 1:], dtype=torch.long)
-            r = ref[:, first:T - 1].reshape(-1, ref.shape[-1])
-            c = cand[:, first:T - 1].reshape(-1, cand.shape[-1])
-            acc.update(r, c, tgt.reshape(-1))
+        targets = torch.as_tensor(self.tokens[:, first + 1:], dtype=torch.long).reshape(-1)
+        for s, ref, cand in self._pairs(overrides, slice(first, T - 1)):
+            acc.update(ref, cand, targets[s:s + ref.shape[0]])
         return acc.result()

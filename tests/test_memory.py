@@ -192,3 +192,52 @@ def test_statistics_peak_memory_does_not_grow_with_layers(tmp_path):
           f"layers, {grow[8] >> 20} MB with 8")
     assert grow[2] > 16 << 20  # the sampler saw the layer's statistics at all
     assert grow[8] - grow[2] < 48 << 20, {k: v >> 20 for k, v in grow.items()}
+
+
+def test_head_rows_bound_the_logits_and_equal_the_batched_head(model, monkeypatch):
+    from dynsearch.objectives import forward as forward_mod
+
+    fwd = BlockwiseForward(GGUFSource(model), batch_size=4)
+    monkeypatch.setattr(forward_mod, "HEAD_ROWS_BYTES", 4 * SHAPE.n_vocab * 7)  # 7 rows of logits
+    h = torch.randn(3, 10, SHAPE.n_embd)
+    for log_probs in (False, True):
+        whole = torch.cat([x for _, x in fwd.head(h, log_probs=log_probs)]).reshape(30, -1)
+        chunks = list(fwd.head_rows(h.reshape(30, -1), log_probs=log_probs))
+        assert [s for s, _ in chunks] == [0, 7, 14, 21, 28]
+        assert [x.shape for _, x in chunks] == [(7, SHAPE.n_vocab)] * 4 + [(2, SHAPE.n_vocab)]
+        torch.testing.assert_close(torch.cat([x for _, x in chunks]), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_kl_evaluator_in_row_chunks_equals_full_logits(model, monkeypatch):
+    """The run's true KL (a few rows of logits at a time) against KL computed directly from every
+    position's full logits, in float64 with numpy."""
+    from dynsearch.objectives import forward as forward_mod
+    from dynsearch.search.evaluate import KLEvaluator, QuantizedWeights
+
+    src = GGUFSource(model)
+    fwd = BlockwiseForward(src, batch_size=2)
+    tokens = np.random.default_rng(5).integers(0, SHAPE.n_vocab, (3, 12))
+    assignment = {n: "Q4_0" for n in src.names() if len(src.shape(n)) == 2}
+    cand = QuantizedWeights(src, assignment)
+    built = []
+    real_get = QuantizedWeights.__getitem__
+    monkeypatch.setattr(QuantizedWeights, "__getitem__", lambda self, n: built.append(n) or real_get(self, n))
+    monkeypatch.setattr(forward_mod, "HEAD_ROWS_BYTES", 4 * SHAPE.n_vocab * 5)  # 5 rows at a time
+    ev = KLEvaluator(fwd, tokens)
+    got, stats = ev.mean_kl(cand), ev.stats(cand)
+    # each candidate tensor built once per pass (Mapping's own __contains__ would build it twice)
+    assert sorted(built) == sorted(2 * list(assignment))
+
+    def logp(overrides):
+        x = np.concatenate([t.numpy() for _, t in fwd.logits(tokens, overrides)]).astype(np.float64)
+        x -= x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    p_log, q_log = logp(None), logp({n: cand[n] for n in assignment})
+    kl = (np.exp(p_log) * (p_log - q_log)).sum(-1)  # (n_seq, T)
+    assert got == pytest.approx(kl.mean(), rel=1e-4)
+    scored = kl[:, 6:11]  # llama-perplexity's positions: the second half, each predicting a next token
+    assert stats.n_tokens == scored.size
+    assert stats.kld_mean == pytest.approx(scored.mean(), rel=1e-6)
+    nll_q = -np.take_along_axis(q_log[:, 6:11], tokens[:, 7:, None], -1)[..., 0]
+    assert np.log(stats.ppl_q) == pytest.approx(nll_q.mean(), rel=1e-6)
