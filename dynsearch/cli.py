@@ -51,14 +51,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .search.pipeline import run
     from .search.report import print_summary
 
-    cfg = _run_config(args)
-    if args.estimate or not args.no_estimate:
-        from .search.cost import estimate_run
+    from .search.cost import estimate_run, format_taken
 
-        print(estimate_run(cfg).format(), flush=True)
+    cfg = _run_config(args)
+    est = None
+    if args.estimate or not args.no_estimate:
+        est = estimate_run(cfg)
+        print(est.format(), flush=True)
         if args.estimate:
             return 0
-    print_summary(cfg, run(cfg, progress=not args.quiet))
+    result = run(cfg, progress=not args.quiet)
+    print_summary(cfg, result)
+    print(format_taken(result.seconds, est))
     return 0
 
 

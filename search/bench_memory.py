@@ -54,6 +54,7 @@ class RunMeasure:
     mechanism: str = "none"
     cgroup_peak: int | None = None  # the cgroup's own high-water mark (page cache included)
     tail: str = ""  # last lines of the child's output
+    estimate: str = ""  # the run's cost estimate and its measured phase times, as it printed them
 
     @property
     def ok(self) -> bool:
@@ -167,13 +168,15 @@ def run_measured(cmd: list[str], cap: int | None = None, env: dict | None = None
         with PeakRSS(proc.pid, interval=0.1) as peak:
             rc = proc.wait()
         log.seek(0)
-        tail = "\n".join(log.read().splitlines()[-15:])
+        lines = log.read().splitlines()
+        tail = "\n".join(lines[-15:])
+        est = "\n".join(x for x in lines if x.startswith(("estimate (", "  statistics ", "  peak memory ", "time: ")))
     wall = time.perf_counter() - t0
     cg_peak = None
     if cg is not None:
         cg_peak = cg.peak()
         cg.remove()
-    return RunMeasure(cmd, rc, wall, peak.peak, cap, how, cg_peak, tail)
+    return RunMeasure(cmd, rc, wall, peak.peak, cap, how, cg_peak, tail, est)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"`dynsearch run smollm2-135m {a.demo_args}`")
             print(f"    peak RSS {_gb(m.peak_rss)} (process tree), {m.wall_s:.0f} s, "
                   f"{'completed' if m.ok else f'FAILED (exit {m.returncode})'}")
+            if m.estimate:
+                print("    " + m.estimate.replace("\n", "\n    "))
             if not m.ok:
                 print(m.tail)
                 rc = 1
@@ -285,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{size / cap:.1f}x the cap of {_gb(cap)} ({m.mechanism})")
             print(f"    peak RSS {_gb(m.peak_rss)} (process tree); cgroup peak {_gb(m.cgroup_peak)} "
                   f"(page cache included); {m.wall_s:.0f} s")
+            if m.estimate:
+                print("    " + m.estimate.replace("\n", "\n    "))
             if m.ok and found:
                 print(f"    completed: profile, search ({a.trials} trials), held-out KL, "
                       f"{found[0].name} written ({_gb(found[0].stat().st_size)}, {found[1]} tensors, "

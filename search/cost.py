@@ -65,6 +65,21 @@ class CostEstimate:
                 f"  peak memory {b(self.peak_bytes)}, disk {b(self.disk_bytes)}")
 
 
+def format_taken(seconds: dict[str, float], est: CostEstimate | None = None) -> str:
+    """The phases' measured wall time (a RunResult's ``seconds``), each beside its estimate."""
+    def t(x: float) -> str:
+        return f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min" if x < 7200 else f"{x / 3600:.1f} h"
+
+    search = seconds.get("search", 0.0) + seconds.get("held-out", 0.0)  # the estimate's search part
+    taken = {"statistics": seconds.get("statistics", 0.0), "profiling": seconds.get("profiling", 0.0),
+             "search": search, "GGUF": seconds.get("GGUF", 0.0)}
+    guess = (None if est is None else
+             {"statistics": est.stats_s, "profiling": est.profile_s, "search": est.search_s, "GGUF": est.write_s})
+    parts = [f"{k} {t(v)}" + ("" if guess is None else f" (est. {t(guess[k])})") for k, v in taken.items()]
+    total = f"total {t(sum(taken.values()))}" + ("" if est is None else f" (est. {t(est.total_s)})")
+    return f"time: {', '.join(parts)}; {total}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Measurement (cached)
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -81,6 +82,10 @@ class RunResult:
     report_path: Path | None = None
     imatrix_path: Path | None = None
     rows: list[dict] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase (PHASES)
+
+
+PHASES = ("statistics", "profiling", "search", "held-out", "GGUF")  # RunResult.seconds' keys
 
 
 def _sha256_file(path: Path, limit: int | None = None) -> str:
@@ -366,7 +371,8 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
     helpers = spawn_early_helpers(cfg, run_id)
     try:
         prep = prepare(cfg, progress)
-        result = RunResult(imatrix_path=write_run_imatrix(prep))
+        result = RunResult(imatrix_path=write_run_imatrix(prep),
+                           seconds={**dict.fromkeys(PHASES, 0.0), **prep.seconds})
     except BaseException:
         worker.stop_all(helpers)  # they would wait for a study that never comes
         raise
@@ -380,11 +386,15 @@ def run(cfg: RunConfig, progress: bool = True) -> RunResult:
         if i > 0:
             helpers = worker.spawn(prep.storage_url(), study.study_name, cfg.search_workers - 1,
                                    prep.run_dir, cfg.timeout, cfg.profile_backend())
+        t0 = time.perf_counter()
         try:
             worker.work(study, prep.space, prep.settings(i), prep.kl_of, progress=progress)
         finally:
             worker.wait_all(helpers, prep.run_dir)
+        searched = time.perf_counter() - t0
+        result.seconds["search"] += searched
         finish_budget(prep, i, study, result, progress)
+        result.rows[-1]["seconds"]["search"] = round(searched, 3)
     result.report_path = atomic_write_text(prep.run_dir / "report.json",
                                            json.dumps(result.rows, indent=2, default=str))
     return result
@@ -411,6 +421,7 @@ class Prepared:
     space: SearchSpace
     forward: object  # BlockwiseForward
     routing: dict = field(default_factory=dict)  # MoE: tokens routed per expert per layer (report)
+    seconds: dict = field(default_factory=dict)  # statistics and profiling wall time (0: cached)
     _evaluator: object = None  # KLEvaluator on the search tokens, built on first use
     _quant_cache: object = None  # QuantCache shared by the trials of this process
 
@@ -490,14 +501,17 @@ def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
 
     forward = BlockwiseForward(source, device=cfg.device, batch_size=4)
     stats_path = (Path(cfg.cache) if cfg.cache else out / "cache") / f"stats-{stats_key}.npz"
+    t0 = time.perf_counter()
     stats = load_stats(stats_path)
     if stats is None:
         stats = collect_statistics(forward, calib, fisher_t, cfg.seed, progress, path=stats_path)
+    t1 = time.perf_counter()
     cache = ProfileCache((Path(cfg.cache) if cfg.cache else out / "cache") / "profile", model_key, stats_key)
     job = ProfileJob(str(model_path.resolve()), model_key, str(stats_path.resolve()),
                      str(cache.folder.resolve()), stats_key, tuple(parse_qtype(t).name for t in cfg.types))
     space = build_space(source, searched, tuple(cfg.types), stats, cache, cfg.profile_backend(),
                         progress, job, cfg.group_experts)
+    seconds = {"statistics": t1 - t0, "profiling": time.perf_counter() - t1}
 
     importance = importance_of(stats)
     routing = routing_table({n: stats[n].expert_counts for n in searched if is_expert_stack(n) and n in stats})
@@ -505,7 +519,7 @@ def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
                     run_dir=run_dir, names=names_all, fixed=fixed, budgets=budgets,
                     tensor_budgets=tensor_budgets, calib_desc=calib_desc, search_tokens=search_t,
                     eval_tokens=eval_t, importance=importance, space=space, forward=forward,
-                    routing=routing)
+                    routing=routing, seconds=seconds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,11 +575,13 @@ def finish_budget(prep: Prepared, i: int, study, result: RunResult, progress: bo
     model_path, run_dir, names_all = prep.model_path, prep.run_dir, prep.names
     importance = prep.importance
     search_t = prep.search_tokens
+    t0 = time.perf_counter()
     held_out = KLEvaluator(prep.forward, prep.eval_tokens)
     best = best_result(study)
     assignment = {**prep.fixed, **space.assignment(best.choice)}
     assignment = {n: assignment[n] for n in names_all}  # model order
     ho = held_out.stats(QuantizedWeights(source, assignment, importance.get))
+    t1 = time.perf_counter()
     tensor_bytes = sum(padded(tensor_nbytes(source.shape(n), t)) for n, t in assignment.items())
     n_params = int(sum(int(np.prod(source.shape(n))) for n in names_all))
     recipe = schema.Recipe(
@@ -596,6 +612,9 @@ def finish_budget(prep: Prepared, i: int, study, result: RunResult, progress: bo
         gpath = apply_recipe(recipe, model_path, run_dir / f"{recipe.name}.gguf",
                              importance=imatrix, progress=progress)
         result.gguf_paths.append(gpath)
+    seconds = {"held-out": t1 - t0, "GGUF": time.perf_counter() - t1}
+    for k, v in seconds.items():
+        result.seconds[k] = result.seconds.get(k, 0.0) + v
     result.rows.append({"budget": budget.spec, "tensor_bytes": tensor_bytes,
                         "file_bytes": gpath.stat().st_size if gpath else None,
                         "bpw": recipe.achieved["bpw"], "proxy": space.proxy_of(best.choice),
@@ -603,6 +622,7 @@ def finish_budget(prep: Prepared, i: int, study, result: RunResult, progress: bo
                         "heldout_mean_kl": ho.to_dict()["kld_mean"],
                         "heldout": ho.to_dict(), "types": recipe.types_histogram(),
                         "recipe": str(rpath), "gguf": str(gpath) if gpath else None,
+                        "seconds": {k: round(v, 3) for k, v in seconds.items()},
                         **({"moe_routing": prep.routing} if prep.routing else {})})
 
 

@@ -131,3 +131,14 @@ def test_cli_estimate_prints_and_runs_nothing(models, tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert rc == 0 and "estimate (" in out and "peak memory" in out
     assert not (tmp_path / "o").exists()  # nothing run, nothing written
+
+
+def test_format_taken_puts_each_phase_beside_its_estimate():
+    est = cost.CostEstimate(stats_s=2, profile_s=3, search_s=4, write_s=1, peak_bytes=0, disk_bytes=0,
+                            workers=1, n_params=1)
+    taken = {"statistics": 1.0, "profiling": 2.0, "search": 3.0, "held-out": 0.5, "GGUF": 130.0}
+    assert cost.format_taken(taken, est) == (
+        "time: statistics 1.0 s (est. 2.0 s), profiling 2.0 s (est. 3.0 s), search 3.5 s (est. 4.0 s), "
+        "GGUF 2.2 min (est. 1.0 s); total 2.3 min (est. 10.0 s)")  # search: the trials + held-out
+    assert cost.format_taken(taken) == ("time: statistics 1.0 s, profiling 2.0 s, search 3.5 s, "
+                                        "GGUF 2.2 min; total 2.3 min")

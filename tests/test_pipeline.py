@@ -43,6 +43,14 @@ def test_run_writes_recipe_and_gguf_within_budget_and_resumes(tmp_path, capsys):
     assert {t.name: t.tensor_type.name for t in reader.tensors} == recipe.tensors
     assert "dynsearch.recipe" in reader.fields
 
+    # the phases' wall time, each beside the estimate printed before the run, and in the report
+    import json
+    import re
+    assert re.search(r"^time: statistics \S+ s \(est\. [^)]+\), profiling .* GGUF .*; total \S+ \S+ \(est\.",
+                     printed, re.M)
+    (row,) = json.loads(next(out.rglob("report.json")).read_text())
+    assert set(row["seconds"]) == {"search", "held-out", "GGUF"} and min(row["seconds"].values()) > 0
+
     # the run's imatrix reproduces its GGUF byte for byte through `dynsearch apply`
     (imatrix_path,) = out.rglob("imatrix.gguf")
     assert f"imatrix: {imatrix_path}" in printed
@@ -56,6 +64,7 @@ def test_run_writes_recipe_and_gguf_within_budget_and_resumes(tmp_path, capsys):
     db = next(out.rglob("study.db"))
     n_before = len(optuna.load_study(study_name=None, storage=f"sqlite:///{db}").trials)
     assert main([*ARGS, "--out", str(out), "--no-gguf"]) == 0
+    assert "GGUF 0.0 s (est. 0.0 s)" in capsys.readouterr().out  # statistics, profiles cached
     assert len(optuna.load_study(study_name=None, storage=f"sqlite:///{db}").trials) == n_before
     assert schema.load(recipe_path).tensors == recipe.tensors
 
