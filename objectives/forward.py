@@ -21,6 +21,7 @@ from typing import Iterator, Mapping
 import numpy as np
 import torch
 
+from . import heap
 from .architectures import architecture
 from .blocks import Capture, LayerWeights, Rope, block, rms_norm
 from .errors import ModelError
@@ -65,6 +66,7 @@ class BlockwiseForward:
         return w.to(self.device)
 
     def layer_weights(self, il: int, overrides: Overrides | None = None) -> LayerWeights:
+        heap.trim()  # between blocks: the last one's temporaries, beyond what the next reuses
         prefix = len(f"blk.{il}.")
         return LayerWeights(il, {n[prefix:]: self.weight(n, overrides) for n in self._block_names[il]})
 

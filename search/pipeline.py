@@ -26,6 +26,7 @@ from .. import __version__
 from ..atomic import atomic_write_text
 from ..errors import DynsearchError
 from ..kernels import effective_type, parse_qtype, tensor_nbytes
+from ..objectives import heap
 from ..recipes import schema
 from . import worker
 from .budget import Budget, check_reachable, parse_budget
@@ -308,6 +309,7 @@ def build_space(source, names: list[str], types: tuple[str, ...], stats: dict[st
     def one(name: str):
         res = profile_tensor(source.load(name), types_l, stats.get(name, TensorStats()))
         cache.put(name, types_l, *res)
+        heap.trim()
         return res
 
     rows = profile_tensors(names, types_l, cache, one, job, backend, lambda it, n: tqdm(

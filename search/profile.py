@@ -33,6 +33,7 @@ import torch
 from ..atomic import atomic_open
 from ..errors import ClusterError
 from ..kernels import dequantize, effective_type, tensor_nbytes
+from ..objectives import heap
 from ..objectives.gguf_write import encode
 from .cluster import ProfileBackend, describe_error, joblib_backend
 
@@ -235,6 +236,7 @@ class ProfileJob:
         source = _open_source(self.model_path, self.model_key)
         row = profile_tensor(source.load(name), types, read_tensor_stats(self.stats_path, name))
         cache.put(name, types, *row)
+        heap.trim()
         return row
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from dynsearch.objectives import heap
 from dynsearch.objectives.activations import ActivationStats, CaptureConfig
 from dynsearch.objectives.forward import BlockwiseForward
 from dynsearch.objectives.gguf_source import GGUFSource
@@ -241,3 +242,25 @@ def test_kl_evaluator_in_row_chunks_equals_full_logits(model, monkeypatch):
     assert stats.kld_mean == pytest.approx(scored.mean(), rel=1e-6)
     nll_q = -np.take_along_axis(q_log[:, 6:11], tokens[:, 7:, None], -1)[..., 0]
     assert np.log(stats.ppl_q) == pytest.approx(nll_q.mean(), rel=1e-6)
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) * 1024 for x in f if x.startswith("RssAnon"))
+
+
+@pytest.mark.skipif(heap._TRIM is None or heap._INFO is None or not sys.platform.startswith("linux"),
+                    reason="glibc's malloc_trim and mallinfo2 (Linux) are not available")
+def test_trim_gives_freed_heap_memory_back_beyond_keep():
+    # 100 KB arrays come from malloc's heap (under its mmap threshold); keeping every tenth
+    # pins the heap, so freeing the others leaves ~270 MB free inside it, which plain free()
+    # does not return to the system
+    arrays = [np.ones(100_000 // 8) for _ in range(3000)]
+    kept = arrays[::10]
+    del arrays
+    assert heap.free_bytes() > 200e6
+    assert not heap.trim(keep=1 << 40)  # less free than keep: nothing done
+    before = _rss_anon()
+    assert heap.trim(keep=0)
+    assert before - _rss_anon() > 150e6
+    assert all(float(a[0]) == 1.0 for a in kept)  # live data untouched
