@@ -4,7 +4,10 @@ From the model's shapes and measured throughput of this machine: each candidate 
 quantize + dequantize kernel timed on a sample of rows (cached per host, type and row width in
 ``~/.cache/dynsearch/throughput.json``), and torch's float32 matmul rate, which prices the
 forward passes (2 x tokens x parameters FLOPs, 3x that for the Fisher pass's backward) and the
-profiler's error term (2 x rows x n_in^2 FLOPs per tensor and type: ``dW H dW^T``)::
+profiler's error term (2 x rows x n_in^2 FLOPs per tensor and type: ``dW H dW^T``, in float64).
+The blocks' share of a pass is scaled by :class:`BlockPace`, the model's heaviest block timed
+once before the estimate (loading, attention and the statistics' capture, which FLOPs miss).
+Not priced: reading a model that does not fit the page cache from disk::
 
     est = estimate(source, cfg)      # cfg: pipeline.RunConfig
     print(est.format())
@@ -23,6 +26,7 @@ import numpy as np
 from ..kernels import effective_type, tensor_nbytes
 
 SAMPLE_WEIGHTS = 1 << 17  # weights timed per (type, row width): a few ms each once compiled
+F64_SLOWDOWN = 2.0  # float64 matmul time over float32 (half the SIMD lanes): the profiler's error term
 REVISIT = 0.15  # share of tensors whose (tensor, type) pair a trial quantizes anew (QuantCache misses)
 FLOOR_BYTES = 450 << 20  # python + torch + numba + optuna, measured RSS of an idle run process
 
@@ -155,9 +159,54 @@ def throughput(pairs: set[tuple[str, int]], cache: Path | None = None) -> Throug
 # The model
 
 
-def estimate(source, cfg, tp: Throughput | None = None) -> CostEstimate:
+@dataclass(frozen=True)
+class BlockPace:
+    """Measured time of the model's heaviest block over what its FLOPs at ``Throughput.flops``
+    predict: plainly (the forward of a trial or of the Fisher pass) and with the statistics'
+    capture (``X^T X`` in float64, imatrix sums). Weight loading, attention, norms and the
+    capture are what a FLOP count misses."""
+
+    plain: float = 1.0
+    capture: float = 1.0
+
+
+def measure_block_pace(source, seq_len: int, flops: float, device: str = "cpu") -> BlockPace:
+    """Time the heaviest block of ``source`` (weights loaded from the file, as a pass does) on one
+    sequence of ``seq_len`` random hidden states, plainly and with the statistics' capture; best
+    of two each."""
+    import torch
+
+    from ..objectives.activations import ActivationStats, CaptureConfig
+    from ..objectives.forward import BlockwiseForward
+
+    fwd = BlockwiseForward(source, device=device, batch_size=1)
+    n = fwd.cfg.n_layer
+    if n == 0:
+        return BlockPace()
+    params = [sum(int(np.prod(source.shape(x))) for x in source.names()
+                  if x.startswith(f"blk.{il}.") and len(source.shape(x)) >= 2) for il in range(n)]
+    il = int(np.argmax(params))
+    ideal = 2.0 * seq_len * params[il] / flops
+    h0 = torch.randn(1, seq_len, fwd.cfg.n_embd, generator=torch.Generator().manual_seed(0))
+
+    def best(capture) -> float:
+        times = []
+        for _ in range(2):
+            h = h0.clone()
+            t = time.perf_counter()
+            fwd.run_block(il, h, capture=capture() if capture else None)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    plain = best(None)
+    captured = best(lambda: ActivationStats(CaptureConfig(second_moment=True)))
+    return BlockPace(max(1.0, plain / max(ideal, 1e-12)), max(1.0, captured / max(ideal, 1e-12)))
+
+
+def estimate(source, cfg, tp: Throughput | None = None, pace: BlockPace | None = None) -> CostEstimate:
     """Cost of ``dynsearch run`` with ``cfg`` (a RunConfig) on ``source``, from ``tp`` (default:
-    this machine's, measured once and cached)."""
+    this machine's, measured once and cached) and ``pace`` (default: measured now on the model's
+    heaviest block; ``BlockPace()`` prices blocks at their FLOPs alone)."""
     from ..objectives.activations import input_group
     from ..objectives.forward import HEAD_ROWS_BYTES
     from .evaluate import default_cache_bytes
@@ -174,20 +223,23 @@ def estimate(source, cfg, tp: Throughput | None = None) -> CostEstimate:
     block_params = sum(int(np.prod(s)) for n, s in shapes.items() if n.startswith("blk."))
     head_name = "output.weight" if "output.weight" in shapes else "token_embd.weight"
     head_params = int(np.prod(shapes[head_name]))
-    fwd_params = block_params + head_params  # multiplied per token (the embedding is a lookup)
 
-    def fwd_s(tokens: int) -> float:
-        return 2.0 * tokens * fwd_params / tp.flops
+    if pace is None:
+        pace = measure_block_pace(source, cfg.seq_len, tp.flops, cfg.device)
+
+    def fwd_s(tokens: int, capture: bool = False) -> float:
+        blocks = block_params * (pace.capture if capture else pace.plain)
+        return 2.0 * tokens * (blocks + head_params) / tp.flops
 
     # profiling: per tensor and written type, the kernels + the error term (2 n_rows n_in^2)
     profile = {}
     for n, shp in shapes.items():
         w = int(np.prod(shp))
         k = sum(tp.quant_s[(t, shp[-1])] * w for t in eff[n])
-        err = len(eff[n]) * 2.0 * w * shp[-1] / tp.flops
+        err = len(eff[n]) * 2.0 * w * shp[-1] / (tp.flops / F64_SLOWDOWN)  # in float64: quant_error
         profile[n] = k + err
     profile_s = sum(profile.values()) / workers
-    stats_s = fwd_s(cfg.calib_tokens) + 3.0 * fwd_s(cfg.fisher_tokens)
+    stats_s = fwd_s(cfg.calib_tokens, capture=True) + 3.0 * fwd_s(cfg.fisher_tokens)
     # a trial: the forward on the search tokens and dequantizing every tensor; quantizing only
     # the pairs QuantCache misses (the whole model once, then about REVISIT of it per trial)
     quant_model_s = sum(np.mean([tp.quant_s[(t, shapes[n][-1])] for t in eff[n]]) * int(np.prod(shapes[n]))

@@ -10,7 +10,12 @@ from dynsearch.kernels import effective_type
 from dynsearch.objectives.gguf_source import GGUFSource
 from dynsearch.objectives.synthetic import Shape, write_synthetic_model
 from dynsearch.search import cost
-from dynsearch.search.cost import CostEstimate, Throughput, estimate, throughput
+from dynsearch.search.cost import BlockPace, CostEstimate, Throughput, throughput
+
+
+def estimate(src, cfg, tp=None, pace=BlockPace()):
+    """cost.estimate with blocks priced at their FLOPs (no timing of a real block: exact sums)."""
+    return cost.estimate(src, cfg, tp, pace)
 from dynsearch.search.pipeline import RunConfig
 
 TYPES = ("Q4_0", "Q8_0", "Q4_K")
@@ -57,7 +62,7 @@ def test_structure_and_profile_time_equal_brute_force(models):
             continue
         w, n_in = int(np.prod(shp)), shp[-1]
         for t in {effective_type(t, n_in).name for t in TYPES}:
-            want += tp.quant_s[(t, n_in)] * w + 2.0 * w * n_in / tp.flops
+            want += tp.quant_s[(t, n_in)] * w + 2.0 * w * n_in * cost.F64_SLOWDOWN / tp.flops
     assert est.profile_s == pytest.approx(want, rel=1e-12)
     # statistics: one forward over the calibration tokens, forward + backward (3x) over Fisher's,
     # 2 FLOPs per token and matrix weight (norms are not matmuls; the embedding doubles as the head)
@@ -142,3 +147,17 @@ def test_format_taken_puts_each_phase_beside_its_estimate():
         "GGUF 2.2 min (est. 1.0 s); total 2.3 min (est. 10.0 s)")  # search: the trials + held-out
     assert cost.format_taken(taken) == ("time: statistics 1.0 s, profiling 2.0 s, search 3.5 s, "
                                         "GGUF 2.2 min; total 2.3 min")
+
+
+def test_block_pace_is_measured_on_the_model_and_scales_the_passes(models):
+    src = models[2]
+    pace = cost.measure_block_pace(src, 64, 1e10)
+    assert pace.plain >= 1.0 and pace.capture >= 1.0  # never faster than its FLOPs
+    tp = _tp(src)
+    base, paced = estimate(src, _cfg(), tp), estimate(src, _cfg(), tp, BlockPace(2.0, 3.0))
+    blocks = sum(int(np.prod(src.shape(n))) for n in src.names() if n.startswith("blk.") and len(src.shape(n)) == 2)
+    head = int(np.prod(src.shape("token_embd.weight")))
+    # statistics: the capture's pace over the calibration tokens, 3x the plain one over Fisher's
+    want = 2.0 * (1024 * (3.0 * blocks + head) + 3 * 512 * (2.0 * blocks + head)) / tp.flops
+    assert paced.stats_s == pytest.approx(want, rel=1e-12)
+    assert paced.search_s > base.search_s and paced.profile_s == base.profile_s
