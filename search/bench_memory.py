@@ -1,7 +1,7 @@
 """Peak memory of a full ``dynsearch run``, and a model three times larger than the memory cap.
 
     python -m dynsearch.search.bench_memory                 # both parts
-    python -m dynsearch.search.bench_memory --no-demo --cap 1.2GB --ratio 3
+    python -m dynsearch.search.bench_memory --no-demo --cap 1.4GB --ratio 3 --ff 2048
 
 (a) the demo model: ``dynsearch run smollm2-135m`` in a child process; prints the peak resident
 memory of the child and all of its descendants (sampled every 0.1 s, plus the kernel's
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="arguments of the demo's `dynsearch run` (default: %(default)s, with the "
                          "default token counts, which set the memory; use '--budget 100MB' for the "
                          "full default run)")
-    ap.add_argument("--cap", default="1.2GB", help="memory cap of (b) (default: %(default)s)")
+    ap.add_argument("--cap", default="1.4GB", help="memory cap of (b) (default: %(default)s)")
     ap.add_argument("--ratio", type=float, default=3.0, help="model file size / cap (default: %(default)s)")
     ap.add_argument("--embd", type=int, default=768, help="width of the synthetic model")
     ap.add_argument("--ff", type=int, default=3072, help="feed-forward width of the synthetic model")
