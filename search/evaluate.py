@@ -1,10 +1,10 @@
 """True KL: the model with a candidate's dequantized weights against the reference, end to end.
 
 The reference is computed once: the final residual stream of the evaluation tokens (small:
-tokens x d), from which the reference logits are re-derived batch by batch, so no vocabulary-wide
-array is ever held for all tokens. Candidate weights are produced lazily, one tensor at a time, by
-:class:`QuantizedWeights` -- a mapping the block-by-block forward reads as overrides -- so peak
-memory stays near one block.
+tokens x d), from which the reference logits are re-derived a few dozen rows at a time beside the
+candidate's, so no vocabulary-wide array is held for more than those rows. Candidate weights are
+produced lazily, one tensor at a time, by :class:`QuantizedWeights` -- a mapping the block-by-block
+forward reads as overrides -- so peak memory stays near one block.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class KLEvaluator:
         hidden = fwd.hidden_states(self.tokens, overrides)
         d = hidden.shape[-1]
         ref_w = fwd.head_weights()
-        own = any(n in overrides for n in ("output_norm.weight", fwd.head_name))
+        own = overrides is not None and any(n in overrides for n in ("output_norm.weight", fwd.head_name))
         cand_w = fwd.head_weights(overrides) if own else ref_w  # one copy where the head is kept
         ref_rows = self.ref_hidden[:, positions].reshape(-1, d)
         rows = hidden[:, positions].reshape(-1, d)

@@ -423,7 +423,7 @@ class Prepared:
     space: SearchSpace
     forward: object  # BlockwiseForward
     routing: dict = field(default_factory=dict)  # MoE: tokens routed per expert per layer (report)
-    seconds: dict = field(default_factory=dict)  # statistics and profiling wall time (0: cached)
+    seconds: dict = field(default_factory=dict)  # statistics and profiling wall time (small: read from the cache)
     _evaluator: object = None  # KLEvaluator on the search tokens, built on first use
     _quant_cache: object = None  # QuantCache shared by the trials of this process
 
