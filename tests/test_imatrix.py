@@ -177,15 +177,6 @@ def _demo_model() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _tool(name: str) -> Path:
-    from dynsearch.objectives import llamacpp
-
-    try:
-        return llamacpp.tool_path(name)
-    except llamacpp.LlamaCppBuildError as e:
-        pytest.skip(f"{name} unavailable: {e}")
-
-
 def _run(cmd: list) -> str:
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"{cmd[0]} failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}"
@@ -205,9 +196,9 @@ def _model_imatrix(seed: int) -> ImatrixData:
 
 
 @pytest.mark.slow
-def test_llama_imatrix_reads_and_rewrites_ours(tmp_path):
+def test_llama_imatrix_reads_and_rewrites_ours(tmp_path, llama_tool):
     """llama-imatrix loads our GGUF and writes it back (GGUF: same numbers; legacy: same importance)."""
-    exe = _tool("llama-imatrix")
+    exe = llama_tool("llama-imatrix")
     data = _sample()
     ours = write_imatrix(tmp_path / "ours.gguf", data)
     model = _demo_model()  # required by the argument parser, not loaded when only combining files
@@ -221,11 +212,11 @@ def test_llama_imatrix_reads_and_rewrites_ours(tmp_path):
 
 
 @pytest.mark.slow
-def test_llama_quantize_uses_our_importance(tmp_path, ggml):
+def test_llama_quantize_uses_our_importance(tmp_path, ggml, llama_tool):
     """llama-quantize --imatrix ours.gguf gives, per tensor, ggml's quantization under importance()."""
     from gguf import GGUFReader
 
-    exe, model = _tool("llama-quantize"), _demo_model()
+    exe, model = llama_tool("llama-quantize"), _demo_model()
     data = _model_imatrix(7)
     ours = write_imatrix(tmp_path / "ours.gguf", data)
     out = tmp_path / "q.gguf"

@@ -74,11 +74,11 @@ def _types(src) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, llama_tool):
     """(source, recipe, imatrix path, our GGUF, llama-quantize's GGUF) for the demo model's F32 copy."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp reference) is not installed")
     from dynsearch.errors import ModelError
-    from dynsearch.objectives import calibration, llamacpp
+    from dynsearch.objectives import calibration
     from dynsearch.objectives.activations import ActivationStats, collect
     from dynsearch.objectives.bench_forward import f32_copy
     from dynsearch.objectives.forward import BlockwiseForward
@@ -87,9 +87,7 @@ def files(tmp_path_factory):
     from dynsearch.objectives.tokenizer import Tokenizer
     from dynsearch.search.models import demo_model_path
 
-    exe = llamacpp.find_tool("llama-quantize")
-    if exe is None:
-        pytest.skip("llama-quantize is not built (python -m dynsearch.objectives.llamacpp build)")
+    exe = llama_tool("llama-quantize")
     try:
         src_path = f32_copy(demo_model_path())
     except ModelError as e:

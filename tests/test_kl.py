@@ -244,13 +244,6 @@ def _corpus(min_chars: int = 24_000) -> str:
     return "\n".join(parts)
 
 
-def _tool(name: str) -> Path:
-    try:
-        return llamacpp.tool_path(name)
-    except llamacpp.LlamaCppBuildError as e:
-        pytest.skip(f"llama.cpp tools unavailable: {e}")
-
-
 def _run(cmd: list) -> str:
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -258,13 +251,13 @@ def _run(cmd: list) -> str:
 
 
 @pytest.fixture(scope="module", params=["Q2_K", "Q4_K_M"])
-def kld_run(request, tmp_path_factory):
+def kld_run(request, tmp_path_factory, llama_tool):
     """A re-quantized candidate of the demo model and llama-perplexity's KL run of it against the base.
 
     Flash attention off: llama-cpp-python's default, so its logits are the tools' logits.
     """
     base = _demo_model()
-    quantize, perplexity = _tool("llama-quantize"), _tool("llama-perplexity")
+    quantize, perplexity = llama_tool("llama-quantize"), llama_tool("llama-perplexity")
     d = tmp_path_factory.mktemp(f"kld-{request.param}")
     cand = d / f"cand-{request.param}.gguf"
     _run([quantize, "--allow-requantize", base, cand, request.param, 2])
@@ -283,10 +276,10 @@ def _side_by_side(title: str, ours: dict, theirs: dict) -> str:
 
 
 @pytest.mark.slow
-def test_statistics_match_llama_perplexity_on_its_own_logprobs(kld_run):
+def test_statistics_match_llama_perplexity_on_its_own_logprobs(kld_run, llama_tool):
     """Our statistics of llama-perplexity's own (uint16-stored) log-probs: checks the formulas alone."""
     cand_file = kld_run["dir"] / "cand.kld"
-    _run([_tool("llama-perplexity"), "-m", kld_run["cand"], "--kl-divergence-base", cand_file, *kld_run["common"]])
+    _run([llama_tool("llama-perplexity"), "-m", kld_run["cand"], "--kl-divergence-base", cand_file, *kld_run["common"]])
     base, cand = llamacpp.read_kld_base(kld_run["dir"] / "base.kld"), llamacpp.read_kld_base(cand_file)
     np.testing.assert_array_equal(base.tokens, cand.tokens)
     acc, n_floored = kl.KLAccumulator(), 0
