@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow'
 
 bench-kernels: $(STAMP)
-	$(PY) -m dynsearch.kernels.bench
+	$(PY) -m dynsearch.bench.kernels
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,12 +7,12 @@ import argparse
 import os
 import sys
 
-from . import __version__
-from .errors import DynsearchError
+from dynsearch import __version__
+from dynsearch.errors import DynsearchError
 
 
 def _cmd_types(args: argparse.Namespace) -> int:
-    from .kernels import dequantizable_types, quantizable_types, type_info
+    from dynsearch.kernels import dequantizable_types, quantizable_types, type_info
 
     writable = set(quantizable_types())
     print(f"{'type':8} {'block':>5} {'bytes':>5} {'bpw':>6}  {'fallback':8} {'quantize':8}")
@@ -25,15 +25,15 @@ def _cmd_types(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> int:
-    from .kernels import bench
+    from dynsearch.bench import kernels as bench
 
     return bench.main(args.bench_args)
 
 
 def _run_config(args: argparse.Namespace):
     """The RunConfig of ``run`` / ``proxy-check`` arguments (options a command lacks: defaults)."""
-    from .search.budget import expand_budgets
-    from .search.pipeline import DEFAULT_TYPES, RunConfig
+    from dynsearch.search.budget import expand_budgets
+    from dynsearch.search.run.pipeline import DEFAULT_TYPES, RunConfig
 
     types = tuple(t.strip() for t in args.types.split(",")) if args.types else DEFAULT_TYPES
     extra = {k: getattr(args, k) for k in ("trials", "timeout", "sampler", "storage", "study_name",
@@ -48,10 +48,10 @@ def _run_config(args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .search.pipeline import run
-    from .search.report import print_summary
+    from dynsearch.search.run.pipeline import run
+    from dynsearch.search.run.report import print_summary
 
-    from .search.cost import estimate_run, format_taken
+    from dynsearch.search.run.cost import estimate_run, format_taken
 
     cfg = _run_config(args)
     est = None
@@ -67,14 +67,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_proxy_check(args: argparse.Namespace) -> int:
-    from .search.proxy_check import main
+    from dynsearch.search.run.proxy_check import main
 
     return main(_run_config(args), n=args.n, min_spearman=args.min_spearman, progress=not args.quiet)
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from .recipes import schema
-    from .recipes.apply import ImatrixFile, apply_recipe
+    from dynsearch.recipes import schema
+    from dynsearch.recipes.apply import ImatrixFile, apply_recipe
 
     recipe = schema.load(args.recipe)
     imatrix = ImatrixFile.read(args.imatrix) if args.imatrix else None
@@ -85,9 +85,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .atomic import atomic_write_text
-    from .recipes import schema
-    from .recipes.export import export_llama_quantize
+    from dynsearch.atomic import atomic_write_text
+    from dynsearch.recipes import schema
+    from dynsearch.recipes.export import export_llama_quantize
 
     recipe = schema.load(args.recipe)
     types_path = args.output or f"{recipe.name}.tensor-types.txt"
@@ -106,7 +106,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .objectives.compare import run_eval
+    from dynsearch.objectives.compare import run_eval
 
     cands = [Path(c) for c in ([args.candidate] if args.candidate else []) + args.compare]
     print(run_eval(cands, Path(args.ref), text=Path(args.text) if args.text else None, n_tokens=args.tokens,
@@ -118,8 +118,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_mmlu(args: argparse.Namespace) -> int:
     import json
 
-    from .atomic import atomic_write_text
-    from .objectives.mmlu import run_file
+    from dynsearch.atomic import atomic_write_text
+    from dynsearch.objectives.mmlu import run_file
 
     r = run_file(args.model, args.mmlu, args.subjects, args.limit, args.shots, args.device, not args.quiet)
     print(r.table())
@@ -129,7 +129,7 @@ def _cmd_mmlu(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from .recipes.publish import publish
+    from dynsearch.recipes.publish import publish
 
     r = publish(args.recipe, name=args.name, root=args.root, force=args.force)
     print(f"published {r.path}" if r.changed else f"{r.path}: already published, unchanged")
@@ -137,8 +137,8 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from .search.storage import redact
-    from .search.worker import RUN_ID_ENV, STORAGE_ENV, Local, join
+    from dynsearch.search.run.storage import redact
+    from dynsearch.search.run.worker import RUN_ID_ENV, STORAGE_ENV, Local, join
 
     url = args.storage or os.environ.get(STORAGE_ENV)
     if not url:
@@ -153,15 +153,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .search.status import format_table, storage_status
-    from .search.storage import open_storage
+    from dynsearch.search.run.status import format_table, storage_status
+    from dynsearch.search.run.storage import open_storage
 
     print(format_table(storage_status(open_storage(args.storage), args.study_name)))
     return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .search.plots import make_plots
+    from dynsearch.search.run.plots import make_plots
 
     for path in make_plots(args.study, args.output, storage=args.storage, study_name=args.study_name,
                            budget=args.budget):

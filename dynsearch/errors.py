@@ -34,3 +34,23 @@ class StorageError(DynsearchError, ValueError):
 class ClusterError(DynsearchError, RuntimeError):
     """Work cannot be sent to a cluster: the Dask scheduler is unreachable or has no workers,
     the ``distributed`` package is missing, or a worker cannot read the model or the cache."""
+
+
+class MMLUError(DynsearchError, ValueError):
+    """MMLU data that cannot be used (missing folder, unknown subject, malformed CSV row)."""
+
+
+class CalibrationError(DynsearchError, ValueError):
+    """A calibration / evaluation source that cannot be used; the message is one line naming the file."""
+
+
+class ImatrixFormatError(DynsearchError, ValueError):
+    """A file is not a readable imatrix (message says why)."""
+
+
+class PlotError(DynsearchError, ValueError):
+    """A study or recipe cannot be plotted: missing, empty, or not what was asked for."""
+
+
+class LlamaCppBuildError(BenchError):
+    """The tools could not be located or built (message is one line saying why)."""

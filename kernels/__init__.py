@@ -11,12 +11,23 @@ Public API::
 from __future__ import annotations
 
 # Family modules register their kernels on import.
-from . import floats  # noqa: F401
-from . import kquants  # noqa: F401
-from . import legacy  # noqa: F401
-from . import iquants  # noqa: F401
-from .registry import dequantizable_types, dequantize, kernel, quantizable_types, quantize
-from .types import QT, TypeInfo, effective_type, parse_qtype, row_nbytes, tensor_nbytes, type_info
+from dynsearch.kernels import floats, iquants, kquants, legacy  # noqa: F401  (registered on import)
+from dynsearch.kernels.registry import (
+    dequantizable_types,
+    dequantize,
+    kernel,
+    quantizable_types,
+    quantize,
+)
+from dynsearch.kernels.types import (
+    QT,
+    TypeInfo,
+    effective_type,
+    parse_qtype,
+    row_nbytes,
+    tensor_nbytes,
+    type_info,
+)
 
 __all__ = [
     "QT", "TypeInfo", "dequantizable_types", "dequantize", "effective_type", "kernel",

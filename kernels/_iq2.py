@@ -10,9 +10,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._fp import f32, fp32_to_fp16
-from ._iq_search import (fmax_c, fold_signs_even, grid_index, imatrix_weights, nearest_int,
-                         search_scale, sum_sq)
+from dynsearch.kernels._fp import f32, fp32_to_fp16
+from dynsearch.kernels._iq_search import (
+    fmax_c,
+    fold_signs_even,
+    grid_index,
+    imatrix_weights,
+    nearest_int,
+    search_scale,
+    sum_sq,
+)
 
 QK_K = 256
 GROUP_MAX_EPS = f32(1e-15)

@@ -15,7 +15,7 @@ import numpy as np
 from gguf import quants as gq
 from numba import njit
 
-from .types import QT
+from dynsearch.kernels.types import QT
 
 _GRID_CLASSES = {
     QT.IQ2_XXS: gq.IQ2_XXS, QT.IQ2_XS: gq.IQ2_XS, QT.IQ2_S: gq.IQ2_S,

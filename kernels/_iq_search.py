@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._fp import f32, nearest_int
+from dynsearch.kernels._fp import f32, nearest_int
 
 FLT_MAX = f32(3.4028234663852886e38)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._fp import bf16_to_fp32, fp16_to_fp32, fp32_to_bf16, fp32_to_fp16
-from .registry import register
-from .types import QT
+from dynsearch.kernels._fp import bf16_to_fp32, fp16_to_fp32, fp32_to_bf16, fp32_to_fp16
+from dynsearch.kernels.registry import register
+from dynsearch.kernels.types import QT
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -24,12 +24,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._fp import f32, fp16_to_fp32, fp32_to_fp16, nearest_int
-from ._iq2 import quantize_iq2_xs_k, quantize_iq2_xxs_k
-from ._iq3 import quantize_iq3_s_k, quantize_iq3_xxs_k
-from ._iq_grids import grid_table, ksigns_table, quant_tables
-from .registry import register
-from .types import QT
+from dynsearch.kernels._fp import f32, fp16_to_fp32, fp32_to_fp16, nearest_int
+from dynsearch.kernels._iq2 import quantize_iq2_xs_k, quantize_iq2_xxs_k
+from dynsearch.kernels._iq3 import quantize_iq3_s_k, quantize_iq3_xxs_k
+from dynsearch.kernels._iq_grids import grid_table, ksigns_table, quant_tables
+from dynsearch.kernels.registry import register
+from dynsearch.kernels.types import QT
 
 QK_K = 256
 QK4_NL = 32

@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._fp import f32, fp16_to_fp32, fp32_to_fp16, nearest_int
-from .registry import register
-from .types import QT
+from dynsearch.kernels._fp import f32, fp16_to_fp32, fp32_to_fp16, nearest_int
+from dynsearch.kernels.registry import register
+from dynsearch.kernels.types import QT
 
 QK_K = 256
 GROUP_MAX_EPS = f32(1e-15)

@@ -26,9 +26,9 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from ._fp import f32, bits_f32, fp16_to_fp32, fp32_to_fp16, nearest_int, roundf
-from .registry import register
-from .types import QT
+from dynsearch.kernels._fp import f32, bits_f32, fp16_to_fp32, fp32_to_fp16, nearest_int, roundf
+from dynsearch.kernels.registry import register
+from dynsearch.kernels.types import QT
 
 QK = 32  # elements per block, every type here
 GROUP_MAX_EPS = f32(1e-15)

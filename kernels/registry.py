@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .types import QT, parse_qtype, row_nbytes, type_info
+from dynsearch.kernels.types import QT, parse_qtype, row_nbytes, type_info
 
 
 @dataclass(frozen=True)

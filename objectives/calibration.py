@@ -30,18 +30,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..atomic import atomic_write_bytes
-from ..errors import DynsearchError
+from dynsearch.atomic import atomic_write_bytes
+from dynsearch.errors import CalibrationError
 
 log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).parent / "data"
 SHIPPED = {"calibration": DATA_DIR / "calib.jsonl.gz", "evaluation": DATA_DIR / "eval.jsonl.gz"}
 CACHE_VERSION = 1  # bump when the way token arrays are built changes
-
-
-class CalibrationError(DynsearchError, ValueError):
-    """A calibration / evaluation source that cannot be used; the message is one line naming the file."""
 
 
 @dataclass(frozen=True, eq=False)

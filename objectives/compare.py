@@ -23,10 +23,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import ModelError
-from ..kernels import tensor_nbytes
-from .calibration import CalibrationError, load_evaluation, load_mc_items
-from .kl import FlipStats, KLAccumulator, KLStats, mc_flips, perplexity_chunks, scored_positions, scored_targets
+from dynsearch.errors import ModelError
+from dynsearch.kernels import tensor_nbytes
+from dynsearch.objectives.calibration import CalibrationError, load_evaluation, load_mc_items
+from dynsearch.objectives.kl import (
+    FlipStats,
+    KLAccumulator,
+    KLStats,
+    mc_flips,
+    perplexity_chunks,
+    scored_positions,
+    scored_targets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +82,8 @@ def check_same_model(ref, cand, tok_ref, tok_cand) -> None:
 
 
 def _open(path: Path):
-    from .gguf_source import GGUFSource
-    from .tokenizer import Tokenizer
+    from dynsearch.objectives.io.gguf_source import GGUFSource
+    from dynsearch.objectives.tokenizer import Tokenizer
 
     if not path.is_file():
         raise ModelError(f"{path}: no such file")
@@ -132,7 +140,7 @@ class MCSet:
 
     def scores(self, forward) -> list[list[float]]:
         """Per question, each choice's mean log-likelihood per continuation token."""
-        from .scoring import gather_logprobs
+        from dynsearch.objectives.scoring import gather_logprobs
 
         pos = [list(range(s - 1, len(q) - 1)) for q, s in zip(self.sequences, self.starts)]
         ids = [[[t] for t in q[s:]] for q, s in zip(self.sequences, self.starts)]
@@ -175,7 +183,7 @@ def compare_files(candidates: Sequence[Path], ref: Path, tokens: np.ndarray | No
     """
     from tqdm.auto import tqdm
 
-    from .forward import BlockwiseForward
+    from dynsearch.objectives.forward import BlockwiseForward
 
     ref_src, ref_tok = _open(Path(ref))
     opened = [_open(Path(c)) for c in candidates]
@@ -255,7 +263,7 @@ def run_eval(candidates: Sequence[Path], ref: Path, *, text: Path | None = None,
     """``dynsearch eval``: compare, write the JSON (atomically) where asked, return the printout."""
     import json
 
-    from ..atomic import atomic_write_text
+    from dynsearch.atomic import atomic_write_text
 
     if not candidates:
         raise ModelError("eval: give a CANDIDATE.gguf, or --compare A.gguf B.gguf ...")

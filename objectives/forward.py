@@ -21,11 +21,11 @@ from typing import Iterator, Mapping
 import numpy as np
 import torch
 
-from . import heap
-from .architectures import architecture
-from .blocks import Capture, LayerWeights, Rope, block, rms_norm
-from .errors import ModelError
-from .model import WeightSource
+from dynsearch import system
+from dynsearch.objectives.io.architectures import architecture
+from dynsearch.objectives.blocks import Capture, LayerWeights, Rope, block, rms_norm
+from dynsearch.errors import ModelError
+from dynsearch.objectives.io.model import WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class BlockwiseForward:
         return w.to(self.device)
 
     def layer_weights(self, il: int, overrides: Overrides | None = None) -> LayerWeights:
-        heap.trim()  # between blocks: the last one's temporaries, beyond what the next reuses
+        system.trim()  # between blocks: the last one's temporaries, beyond what the next reuses
         prefix = len(f"blk.{il}.")
         return LayerWeights(il, {n[prefix:]: self.weight(n, overrides) for n in self._block_names[il]})
 

@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import DynsearchError
+from dynsearch.errors import MMLUError
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = "The following are multiple choice questions (with answers) about {}.\n\n"
@@ -45,10 +45,6 @@ HEADER = "The following are multiple choice questions (with answers) about {}.\n
 # (prompts as token-id lists, candidate token ids) -> (n_prompts, n_ids) log-probabilities of those
 # ids at each prompt's last position.
 Scorer = Callable[[Sequence[Sequence[int]], Sequence[int]], np.ndarray]
-
-
-class MMLUError(DynsearchError, ValueError):
-    """MMLU data that cannot be used (missing folder, unknown subject, malformed CSV row)."""
 
 
 @dataclass(frozen=True)
@@ -247,7 +243,7 @@ def evaluate(tokenizer, scorer: Scorer, root: str | Path, subjects: Sequence[str
 def model_scorer(forward, batch_tokens: int = 8192) -> Scorer:
     """A :data:`Scorer` running ``forward`` (a BlockwiseForward) on right-padded buckets of at most
     ``batch_tokens`` tokens."""
-    from .scoring import gather_logprobs
+    from dynsearch.objectives.scoring import gather_logprobs
 
     def score(prompts: Sequence[Sequence[int]], ids: Sequence[int]) -> np.ndarray:
         out = gather_logprobs(forward, prompts, [[len(p) - 1] for p in prompts], [[list(ids)]] * len(prompts),
@@ -260,10 +256,10 @@ def model_scorer(forward, batch_tokens: int = 8192) -> Scorer:
 def run_file(model: str | Path, root: str | Path | None = None, subjects: Sequence[str] | None = None,
              limit: int | None = None, k: int = 5, device: str = "cpu", progress: bool = True) -> MMLUResult:
     """MMLU of a GGUF file with our forward pass (its weights dequantized by our kernels)."""
-    from .calibration import mmlu_dir
-    from .forward import BlockwiseForward
-    from .gguf_source import GGUFSource
-    from .tokenizer import Tokenizer
+    from dynsearch.objectives.calibration import mmlu_dir
+    from dynsearch.objectives.forward import BlockwiseForward
+    from dynsearch.objectives.io.gguf_source import GGUFSource
+    from dynsearch.objectives.tokenizer import Tokenizer
 
     path = Path(model)
     src = GGUFSource(path)

@@ -28,7 +28,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import DynsearchError, ModelError
+from dynsearch.errors import DynsearchError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
 
     The one place the GGUF is read for the tokenizer, through the validating header reader.
     """
-    from .gguf_header import GGUFHeader
+    from dynsearch.objectives.io.gguf_header import GGUFHeader
 
     header = GGUFHeader(path)
     return {key: f.value for key, f in header.fields.items() if key.startswith(("tokenizer.", "general."))}

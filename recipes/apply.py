@@ -24,13 +24,13 @@ from typing import Callable, Mapping
 import gguf
 import numpy as np
 
-from ..atomic import atomic_path
-from ..errors import ModelError, RecipeError
-from ..kernels import QT, kernel, parse_qtype, quantizable_types, type_info
-from ..objectives.gguf_write import TensorOut, encode, metadata_writer, write_tensors
-from ..objectives.imatrix import ImatrixData, ImatrixFormatError, read_imatrix
-from . import llama_quant
-from .schema import Recipe
+from dynsearch.atomic import atomic_path
+from dynsearch.errors import ModelError, RecipeError
+from dynsearch.kernels import QT, kernel, parse_qtype, quantizable_types, type_info
+from dynsearch.objectives.io.gguf_write import TensorOut, encode, metadata_writer, write_tensors
+from dynsearch.objectives.io.imatrix import ImatrixData, ImatrixFormatError, read_imatrix
+from dynsearch.recipes import llama_quant
+from dynsearch.recipes.schema import Recipe
 
 RECIPE_KEY = "dynsearch.recipe"
 # Keys llama-quantize sets itself (the split keys it removes); a source's values are not copied.
@@ -74,7 +74,7 @@ def _lookup(importance: Importance) -> Callable[[str], np.ndarray | None]:
 def open_source(model_path: str | Path):
     """The source model as a GGUFSource; a Hugging Face folder is refused (its GGUF metadata --
     tokenizer, chat template -- is made by llama.cpp's convert_hf_to_gguf.py)."""
-    from ..objectives.gguf_source import GGUFSource
+    from dynsearch.objectives.io.gguf_source import GGUFSource
 
     p = Path(model_path)
     if p.is_dir():

@@ -26,10 +26,10 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import RecipeError
-from ..kernels import parse_qtype
-from . import llama_quant
-from .schema import Recipe
+from dynsearch.errors import RecipeError
+from dynsearch.kernels import parse_qtype
+from dynsearch.recipes import llama_quant
+from dynsearch.recipes.schema import Recipe
 
 _PLAIN = re.compile(r"[a-z0-9_]")
 
@@ -92,7 +92,7 @@ def _check_model(recipe: Recipe, model: str | Path, base: llama_quant.FileType,
                  imatrix: str | Path | None) -> bool:
     """Check the recipe against the model as llama-quantize will treat it; True where some tensor it
     converts is stored quantized (so ``--allow-requantize`` is needed)."""
-    from .apply import ImatrixFile, open_source, plan_tensors
+    from dynsearch.recipes.apply import ImatrixFile, open_source, plan_tensors
 
     src = open_source(model)
     # fits the model, tensors copied as stored keep their type, importance vectors where needed

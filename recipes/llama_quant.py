@@ -23,8 +23,8 @@ from typing import Iterable, Mapping
 
 from gguf import GGUFValueType, LlamaFileType
 
-from ..kernels import QT, parse_qtype
-from ..objectives.imatrix import ImatrixData
+from dynsearch.kernels import QT, parse_qtype
+from dynsearch.objectives.io.imatrix import ImatrixData
 
 _BLOCK_RE = re.compile(r"^blk\.\s*([+-]?\d+)")  # sscanf(name, "blk.%d.", &layer)
 

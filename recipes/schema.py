@@ -16,9 +16,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..errors import RecipeError
-from ..atomic import atomic_write_text
-from ..kernels.types import effective_type, parse_qtype, type_info
+from dynsearch.errors import RecipeError
+from dynsearch.atomic import atomic_write_text
+from dynsearch.kernels.types import effective_type, parse_qtype, type_info
 
 FORMAT_VERSION = 1
 MAX_BYTES = 8 * 1024 * 1024  # a recipe of a 1000-layer MoE model is well under 1 MB

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..errors import ClusterError
+from dynsearch.errors import ClusterError
 
 BACKENDS = ("threading", "loky", "dask")
 SCHEDULER_ENV = "DYNSEARCH_DASK_SCHEDULER"  # the Dask scheduler address when --dask-scheduler is not given

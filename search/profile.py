@@ -7,7 +7,7 @@ to second order (a diagonal Fisher on the tensor's outputs, the input second mom
 
 with ``H = X^T X / N`` the mean second moment of the tensor's inputs over the calibration tokens
 and ``f_o`` the mean squared gradient of the sampled log-likelihood w.r.t. output ``o``
-(:mod:`dynsearch.search.sensitivity`). An embedding table is also a lookup: its rows are weighted
+(:mod:`dynsearch.objectives.stats.fisher`). An embedding table is also a lookup: its rows are weighted
 by token frequency and its columns by the Fisher of the residual stream it feeds.
 Quantization uses the importance vector as ``llama-quantize --imatrix`` does, so the error is the
 one of the file that will be written.
@@ -30,12 +30,12 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from ..atomic import atomic_open
-from ..errors import ClusterError
-from ..kernels import dequantize, effective_type, tensor_nbytes
-from ..objectives import heap
-from ..objectives.gguf_write import encode
-from .cluster import ProfileBackend, describe_error, joblib_backend
+from dynsearch.atomic import atomic_open
+from dynsearch.errors import ClusterError
+from dynsearch.kernels import dequantize, effective_type, tensor_nbytes
+from dynsearch import system
+from dynsearch.objectives.io.gguf_write import encode
+from dynsearch.search.cluster import ProfileBackend, describe_error, joblib_backend
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
 def quantize_tensor(w: np.ndarray, qtype: str, importance: np.ndarray | None) -> np.ndarray:
     """GGUF blocks of ``w`` (..., n_per_row), each matrix of a 3-D expert stack quantized with its
     own slice of a per-expert importance vector (n_mat * n_per_row), as llama-quantize does (the
-    split is :func:`~dynsearch.objectives.gguf_write.encode`'s, which ``apply`` writes with)."""
+    split is :func:`~dynsearch.objectives.io.gguf_write.encode`'s, which ``apply`` writes with)."""
     n_per_row = w.shape[-1]
     rows = np.ascontiguousarray(w.reshape(-1, n_per_row), dtype=np.float32)
     if importance is None:
@@ -118,7 +118,7 @@ def quantize_tensor(w: np.ndarray, qtype: str, importance: np.ndarray | None) ->
 def tensor_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
     """:func:`quant_error`, or for an MoE expert stack its per-expert error (search/moe.py)."""
     if stats.xdiag is not None:
-        from .moe import expert_error
+        from dynsearch.objectives.stats.moe import expert_error
 
         return expert_error(w, dq, stats.xdiag, stats.fisher_out)
     return quant_error(w, dq, stats)
@@ -236,15 +236,15 @@ class ProfileJob:
         source = _open_source(self.model_path, self.model_key)
         row = profile_tensor(source.load(name), types, read_tensor_stats(self.stats_path, name))
         cache.put(name, types, *row)
-        heap.trim()
+        system.trim()
         return row
 
 
 @functools.lru_cache(maxsize=4)
 def _open_source(path: str, model_key: str):
     """The model at ``path``, opened once per process and checked to be the run's model."""
-    from ..objectives.model import open_model
-    from .pipeline import model_fingerprint
+    from dynsearch.objectives.io.model import open_model
+    from dynsearch.search.run.pipeline import model_fingerprint
 
     where = f"{socket.gethostname()} (pid {os.getpid()})"
     if not Path(path).exists():
@@ -260,7 +260,7 @@ def read_tensor_stats(path: str | Path, name: str) -> TensorStats:
     """One tensor's statistics from the run's statistics file, read through
     :class:`~.stats_store.StatsFile` (only that tensor's members); empty for a tensor it lacks.
     An unreadable or damaged file is one :class:`ClusterError` line naming it."""
-    from .stats_store import StatsFile  # it imports this module
+    from dynsearch.objectives.stats.store import StatsFile
 
     try:
         stats = StatsFile(path)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import DynsearchError
-from . import knapsack
+from dynsearch.errors import DynsearchError
+from dynsearch.search import knapsack
 
 _BLK = re.compile(r"^blk\.(\d+)\.(.+?)(?:\.weight)?$")
 

@@ -18,8 +18,8 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from ..errors import DynsearchError
-from .space import SearchSpace, choice_key, parse_choice_key
+from dynsearch.errors import DynsearchError
+from dynsearch.search.space import SearchSpace, choice_key, parse_choice_key
 
 log = logging.getLogger(__name__)
 

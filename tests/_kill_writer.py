@@ -65,7 +65,7 @@ def writer(kind: str, dest: Path, source: str):
     if kind == "gguf":
         from dynsearch.recipes.apply import apply_recipe
 
-        from dynsearch.objectives.gguf_header import GGUFHeader
+        from dynsearch.objectives.io.gguf_header import GGUFHeader
 
         names = list(GGUFHeader(source).tensors)
         docs = {v: recipe(v, {n: SOURCE_TYPES[v].get(n, "F32") for n in names}) for v in "AB"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dynsearch.kernels import ggml_oracle
+from dynsearch.bench import ggml_oracle
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +24,7 @@ def llama_tool():
     cached outside the repository); the test is skipped with the reason where it cannot be built.
     Never only looked up: on a fresh machine the first test to ask builds the tools, so no test
     skips for coming before the build."""
-    from dynsearch.objectives import llamacpp
+    from dynsearch.bench import llamacpp
 
     def get(name: str):
         try:

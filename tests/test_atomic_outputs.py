@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from dynsearch import atomic
-from dynsearch.objectives.gguf_header import GGUFHeader
-from dynsearch.objectives.gguf_write import write_model
+from dynsearch.objectives.io.gguf_header import GGUFHeader
+from dynsearch.objectives.io.gguf_write import write_model
 from dynsearch.recipes import schema
 
 pytestmark = pytest.mark.timeout(300)

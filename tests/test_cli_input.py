@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dynsearch import cli
-from dynsearch.search import pipeline
+from dynsearch.search.run import pipeline
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -20,7 +20,7 @@ def never_runs(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the run started despite a bad input")
     monkeypatch.setattr(pipeline, "open_model", boom, raising=False)
-    monkeypatch.setattr("dynsearch.objectives.model.open_model", boom)
+    monkeypatch.setattr("dynsearch.objectives.io.model.open_model", boom)
 
 
 def _run(capsys, *argv) -> str:
@@ -95,7 +95,7 @@ def test_storage_credentials_never_printed_or_logged(capsys, caplog, never_runs,
 
 def test_redact_is_what_hides_the_password():
     """The control for the test above: the URLs do carry the secret until redacted."""
-    from dynsearch.search.storage import redact
+    from dynsearch.search.run.storage import redact
 
     for url in URLS:
         assert SECRET in url and SECRET not in redact(url)

@@ -15,8 +15,8 @@ import argparse
 import numpy as np
 
 from dynsearch.kernels import dequantize, effective_type, quantize
-from dynsearch.objectives.gguf_header import GGUFHeader
-from dynsearch.objectives.gguf_source import GGUFSource
+from dynsearch.objectives.io.gguf_header import GGUFHeader
+from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.recipes.apply import ImatrixFile
 
 

@@ -1,0 +1,163 @@
+"""The cost model printed before a run (search/cost.py): structure, scaling, the throughput cache."""
+
+import json
+import socket
+
+import numpy as np
+import pytest
+
+from dynsearch.kernels import effective_type
+from dynsearch.objectives.io.gguf_source import GGUFSource
+from dynsearch.bench.synthetic import Shape, write_synthetic_model
+from dynsearch.search.run import cost
+from dynsearch.search.run.cost import BlockPace, CostEstimate, Throughput, throughput
+
+
+def estimate(src, cfg, tp=None, pace=BlockPace()):
+    """cost.estimate with blocks priced at their FLOPs (no timing of a real block: exact sums)."""
+    return cost.estimate(src, cfg, tp, pace)
+from dynsearch.search.run.pipeline import RunConfig
+
+TYPES = ("Q4_0", "Q8_0", "Q4_K")
+
+
+def _shape(n_layer):  # wide blocks, a small vocabulary: the blocks dominate every term
+    return Shape(n_layer=n_layer, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=64, tied=True)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cost")
+    return {n: GGUFSource(write_synthetic_model(d / f"m{n}.gguf", _shape(n), seed=n)) for n in (2, 4)}
+
+
+def _tp(src, types=TYPES, s=2e-8, flops=1e10):
+    """A fixed throughput: ``s`` seconds per weight for every type, times (1 + index of the type)."""
+    pairs = {(effective_type(t, src.shape(n)[-1]).name, src.shape(n)[-1])
+             for n in src.names() if len(src.shape(n)) >= 2 for t in types}
+    order = {t: i for i, t in enumerate(sorted({t for t, _ in pairs}))}
+    return Throughput({(t, w): s * (1 + order[t]) for t, w in pairs}, flops)
+
+
+def _cfg(**kw):
+    kw = {"calib_tokens": 1024, "fisher_tokens": 512, "search_tokens": 512, "eval_tokens": 512,
+          "trials": 4, **kw}
+    return RunConfig(model="x", budgets=("5bpw",), types=TYPES, **kw)
+
+
+def test_structure_and_profile_time_equal_brute_force(models):
+    src = models[2]
+    tp = _tp(src)
+    est = estimate(src, _cfg(), tp)
+    assert isinstance(est, CostEstimate)
+    assert est.total_s == pytest.approx(est.stats_s + est.profile_s + est.search_s + est.write_s)
+    assert min(est.stats_s, est.profile_s, est.search_s, est.write_s) > 0
+    assert est.n_params == sum(int(np.prod(src.shape(n))) for n in src.names())
+    assert est.peak_bytes > cost.FLOOR_BYTES and est.disk_bytes > 0
+    # profiling, brute force: every 2-D tensor x every distinct written type, kernels + dW H dW^T
+    want = 0.0
+    for n in src.names():
+        shp = src.shape(n)
+        if len(shp) < 2:
+            continue
+        w, n_in = int(np.prod(shp)), shp[-1]
+        for t in {effective_type(t, n_in).name for t in TYPES}:
+            want += tp.quant_s[(t, n_in)] * w + 2.0 * w * n_in * cost.F64_SLOWDOWN / tp.flops
+    assert est.profile_s == pytest.approx(want, rel=1e-12)
+    # statistics: one forward over the calibration tokens, forward + backward (3x) over Fisher's,
+    # 2 FLOPs per token and matrix weight (norms are not matmuls; the embedding doubles as the head)
+    fwd_params = sum(int(np.prod(src.shape(n))) for n in src.names()
+                     if n.startswith("blk.") and len(src.shape(n)) == 2) \
+        + int(np.prod(src.shape("token_embd.weight")))
+    assert est.stats_s == pytest.approx(2.0 * fwd_params * (1024 + 3 * 512) / tp.flops, rel=1e-12)
+    text = est.format()
+    for word in ("statistics", "profiling", "search", "GGUF", "total", "peak memory", "disk"):
+        assert word in text
+    # two profiling workers halve profiling; nothing is written with --no-gguf
+    assert estimate(src, _cfg(workers=2), tp).profile_s == pytest.approx(est.profile_s / 2)
+    assert estimate(src, _cfg(write_gguf=False), tp).write_s == 0.0
+
+
+def test_doubling_layers_doubles_statistics_and_profiling_not_peak_memory(models):
+    a, b = (estimate(models[n], _cfg(), _tp(models[n])) for n in (2, 4))
+    assert b.parts["profile_blocks_s"] == pytest.approx(2 * a.parts["profile_blocks_s"], rel=1e-9)
+    for f in ("stats_s", "profile_s", "search_s"):
+        assert 1.8 < getattr(b, f) / getattr(a, f) <= 2.0, f  # the head and embedding do not double
+    assert 1.5 < b.disk_bytes / a.disk_bytes <= 2.0
+    # memory: one block at a time, so the peak does not grow with the layers (beyond the
+    # quantized-tensor cache, which holds at most the whole model)
+    grow = b.peak_bytes - a.peak_bytes
+    assert grow == b.parts["quant_cache_bytes"] - a.parts["quant_cache_bytes"]
+    assert b.parts["block_bytes"] == a.parts["block_bytes"] and b.parts["grams_bytes"] == a.parts["grams_bytes"]
+    # more trials or more budgets cost more search time
+    assert estimate(models[2], _cfg(trials=8), _tp(models[2])).search_s > a.search_s
+
+
+def test_throughput_is_measured_once_and_cached(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_quant(t, n, *a, **k):
+        calls.append((t, n))
+        return 1e-8 * n
+
+    monkeypatch.setattr(cost, "measure_quant", fake_quant)
+    monkeypatch.setattr(cost, "measure_matmul_flops", lambda *a, **k: calls.append("flops") or 5e9)
+    path = tmp_path / "throughput.json"
+    tp = throughput({("Q4_0", 256), ("Q8_0", 512)}, cache=path)
+    assert sorted(calls, key=str) == sorted([("Q4_0", 256), ("Q8_0", 512), "flops"], key=str)
+    assert tp.flops == 5e9 and tp.quant_s[("Q8_0", 512)] == pytest.approx(512e-8)
+    on_disk = json.loads(path.read_text())[socket.gethostname()]
+    assert on_disk["quant"]["Q4_0@256"] == pytest.approx(256e-8)
+    calls.clear()
+    again = throughput({("Q4_0", 256)}, cache=path)  # all cached: nothing measured
+    assert calls == [] and again.quant_s == {("Q4_0", 256): pytest.approx(256e-8)}
+    throughput({("Q4_0", 256), ("Q6_K", 256)}, cache=path)  # only the new pair
+    assert calls == [("Q6_K", 256)]
+    calls.clear()
+    path.write_text("{not json")  # a damaged cache is measured again, not an error
+    throughput({("Q4_0", 256)}, cache=path)
+    assert calls.count("flops") == 1 and ("Q4_0", 256) in calls
+    assert json.loads(path.read_text())[socket.gethostname()]["quant"]["Q4_0@256"] == pytest.approx(256e-8)
+
+
+def test_measured_throughput_is_sane():
+    s = cost.measure_quant("Q4_0", 256, n_weights=4096, repeat=1)
+    assert 1e-11 < s < 1e-3  # seconds per weight
+    assert cost.measure_matmul_flops(n=128, repeat=1) > 1e6
+
+
+def test_cli_estimate_prints_and_runs_nothing(models, tmp_path, monkeypatch, capsys):
+    from dynsearch.cli import main
+
+    monkeypatch.setattr(cost, "throughput", lambda pairs, cache=None: Throughput(
+        {p: 1e-8 for p in pairs}, 1e10))
+    rc = main(["run", str(models[2].path), "--budget", "5bpw", "--types", "Q4_0,Q8_0", "--out", str(tmp_path / "o"),
+               "--estimate", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "estimate (" in out and "peak memory" in out
+    assert not (tmp_path / "o").exists()  # nothing run, nothing written
+
+
+def test_format_taken_puts_each_phase_beside_its_estimate():
+    est = cost.CostEstimate(stats_s=2, profile_s=3, search_s=4, write_s=1, peak_bytes=0, disk_bytes=0,
+                            workers=1, n_params=1)
+    taken = {"statistics": 1.0, "profiling": 2.0, "search": 3.0, "held-out": 0.5, "GGUF": 130.0}
+    assert cost.format_taken(taken, est) == (
+        "time: statistics 1.0 s (est. 2.0 s), profiling 2.0 s (est. 3.0 s), search 3.5 s (est. 4.0 s), "
+        "GGUF 2.2 min (est. 1.0 s); total 2.3 min (est. 10.0 s)")  # search: the trials + held-out
+    assert cost.format_taken(taken) == ("time: statistics 1.0 s, profiling 2.0 s, search 3.5 s, "
+                                        "GGUF 2.2 min; total 2.3 min")
+
+
+def test_block_pace_is_measured_on_the_model_and_scales_the_passes(models):
+    src = models[2]
+    pace = cost.measure_block_pace(src, 64, 1e10)
+    assert pace.plain >= 1.0 and pace.capture >= 1.0  # never faster than its FLOPs
+    tp = _tp(src)
+    base, paced = estimate(src, _cfg(), tp), estimate(src, _cfg(), tp, BlockPace(2.0, 3.0))
+    blocks = sum(int(np.prod(src.shape(n))) for n in src.names() if n.startswith("blk.") and len(src.shape(n)) == 2)
+    head = int(np.prod(src.shape("token_embd.weight")))
+    # statistics: the capture's pace over the calibration tokens, 3x the plain one over Fisher's
+    want = 2.0 * (1024 * (3.0 * blocks + head) + 3 * 512 * (2.0 * blocks + head)) / tp.flops
+    assert paced.stats_s == pytest.approx(want, rel=1e-12)
+    assert paced.search_s > base.search_s and paced.profile_s == base.profile_s
