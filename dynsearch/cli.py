@@ -24,12 +24,6 @@ def _cmd_types(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench_kernels(args: argparse.Namespace) -> int:
-    from dynsearch.bench import kernels as bench
-
-    return bench.main(args.bench_args)
-
-
 def _run_config(args: argparse.Namespace):
     """The RunConfig of ``run`` / ``proxy-check`` arguments (options a command lacks: defaults)."""
     from dynsearch.search.budget import expand_budgets
@@ -312,10 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--root", default="recipes", help="collection folder (default: %(default)s)")
     s.add_argument("--force", action="store_true", help="replace a different recipe of the same name")
     s.set_defaults(func=_cmd_publish)
-    s = sub.add_parser("bench-kernels", help="kernel throughput vs ggml and gguf-py",
-                       add_help=False)
-    s.add_argument("bench_args", nargs=argparse.REMAINDER)
-    s.set_defaults(func=_cmd_bench_kernels)
     return p
 
 
