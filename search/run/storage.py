@@ -91,21 +91,78 @@ def journal_path(url: str) -> Path | None:
     return None
 
 
-def open_storage(url: str, settings: StorageSettings = StorageSettings()) -> optuna.storages.BaseStorage:
-    """The Optuna storage for ``url``, with heartbeat, stale-trial sweep and one retry."""
+def open_storage(url: str, settings: StorageSettings = StorageSettings(), *,
+                 create: bool = True) -> optuna.storages.BaseStorage:
+    """The Optuna storage for ``url``, with heartbeat, stale-trial sweep and one retry.
+
+    A file the URL names is recognised by its content before anything is written: a journal must
+    hold journal records, an SQLite URL an SQLite database; any other existing file is refused.
+    With ``create=False`` (the read-only commands: status, plot, ``run --estimate``) a missing
+    storage is an error and nothing is created or repaired."""
     if not url or not isinstance(url, str):
         raise StorageError("an empty storage URL: use sqlite:///study.db, postgresql://..., "
                            "or journal:///path/study.log")
     with warnings.catch_warnings():  # heartbeat and retry are "experimental" since Optuna 2.8
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return _open(url, settings)
+        return _open(url, settings, create)
 
 
-def _open(url: str, settings: StorageSettings) -> optuna.storages.BaseStorage:
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The database file of an ``sqlite:///`` URL, or None (in memory, or another scheme)."""
+    if not url.startswith("sqlite"):
+        return None
+    db = url.split(":///", 1)[-1].split("?", 1)[0] if ":///" in url else ""
+    return Path(db).expanduser() if db and db != ":memory:" else None
+
+
+def _head(path: Path, n: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as e:
+        raise StorageError(f"storage {path}: cannot read it ({e.strerror or type(e).__name__})") from None
+
+
+def _check_existing(path: Path, kind: str, create: bool) -> None:
+    """Refuse, before anything is written, a storage file that is not what its URL says; with
+    ``create=False`` also a missing one."""
+    if not path.exists():
+        if not create:
+            raise StorageError(f"storage {path}: no such file (nothing has been stored there yet)")
+        return
+    if not path.is_file():
+        raise StorageError(f"storage {path}: not a regular file")
+    if path.stat().st_size == 0:
+        if not create:
+            raise StorageError(f"storage {path}: an empty file, not a study {kind}")
+        return
+    head = _head(path, 1 << 16)
+    if kind == "database":
+        if not head.startswith(SQLITE_MAGIC):
+            raise StorageError(f"storage {path}: not an SQLite database; refusing to touch it "
+                               "(name a new file, or journal:// for an Optuna journal)")
+        return
+    if head.startswith(SQLITE_MAGIC):
+        raise StorageError(f"storage {path}: an SQLite database, not a journal; "
+                           f"use sqlite:///{path}")
+    line = head.split(b"\n", 1)[0]
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or "op_code" not in record:
+        raise StorageError(f"storage {path}: not an Optuna journal (its first line is not a "
+                           "journal record); refusing to touch it")
+
+
+def _open(url: str, settings: StorageSettings, create: bool) -> optuna.storages.BaseStorage:
     retry = _Retry(max_retry=settings.max_retry)
     path = journal_path(url)
     if path is not None:
-        return _open_journal(path, settings, retry)
+        return _open_journal(path, settings, retry, create)
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if not scheme:
         raise StorageError(f"storage {redact(url)!r}: not a URL; use sqlite:///study.db, "
@@ -113,10 +170,11 @@ def _open(url: str, settings: StorageSettings) -> optuna.storages.BaseStorage:
     engine_kwargs: dict = {"pool_pre_ping": True}
     if scheme.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 120}}  # wait for other workers' writes
-        db = url.split(":///", 1)[-1].split("?", 1)[0]
-        if db and db != ":memory:":
+        db = _sqlite_path(url)
+        if db is not None:
+            _check_existing(db, "database", create)
             try:
-                Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                db.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise StorageError(f"storage {redact(url)!r}: cannot create its folder "
                                    f"({e.strerror or type(e).__name__})") from None
@@ -308,9 +366,18 @@ class _Journal(_Sweep, JournalStorage, BaseHeartbeat):
 # Journal files
 
 
-def _open_journal(path: Path, settings: StorageSettings, retry) -> _Journal:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    repair_journal(path)
+def _open_journal(path: Path, settings: StorageSettings, retry, create: bool = True) -> _Journal:
+    _check_existing(path, "journal", create)
+    if create:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"storage {path}: cannot create its folder "
+                               f"({e.strerror or type(e).__name__})") from None
+        repair_journal(path)
+    elif _valid_prefix(path.read_bytes()) != path.stat().st_size:
+        raise StorageError(f"journal {path}: its last record was cut off by a crash; a command "
+                           "that writes to it (run, worker) repairs it, keeping the cut bytes")
     try:
         return _Journal(JournalFileBackend(str(path)), settings, retry)
     except (ValueError, OSError) as e:
