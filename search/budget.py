@@ -16,6 +16,7 @@ from dynsearch.errors import BudgetError
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+MAX_RANGE_BUDGETS = 64  # budgets one LOW..HIGH/N range may expand to (each is a search)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def parse_budget(text: str) -> Budget:
         raise BudgetError(f"invalid budget {text!r}: unknown unit {m.group(2)!r} "
                           "(use GB, GiB, MB, MiB or bpw)")
     nbytes = int(value * _UNITS[unit])
-    number = f"{int(value)}" if value.is_integer() else f"{value:g}"  # 105455000B, not 1.05455e+08B
+    number = f"{int(value)}" if value.is_integer() else f"{value:.15g}"  # 105455000B, 1000000.5KB
     return Budget(spec=f"{number}{m.group(2) or 'B'}", file_bytes=nbytes)
 
 
@@ -70,9 +71,9 @@ def expand_budgets(specs) -> list[str]:
             n = int(count)
         except ValueError:
             n = 0
-        if n < 2:
-            raise BudgetError(f"invalid budget range {text!r}: use LOW..HIGH/N with N >= 2 "
-                              "(e.g. 60MB..120MB/4)")
+        if not 2 <= n <= MAX_RANGE_BUDGETS:
+            raise BudgetError(f"invalid budget range {text!r}: use LOW..HIGH/N with 2 <= N <= "
+                              f"{MAX_RANGE_BUDGETS} (e.g. 60MB..120MB/4)")
         lo, hi = parse_budget(lo_s), parse_budget(hi_s)
         if (lo.bpw is None) != (hi.bpw is None):
             raise BudgetError(f"invalid budget range {text!r}: both ends in bytes or both in bpw")
@@ -84,7 +85,7 @@ def expand_budgets(specs) -> list[str]:
         scale = 1.0 if lo.bpw is not None else float(_UNITS[unit.lower()])
         for k in range(n):
             v = (a + (b - a) * k / (n - 1)) / scale
-            out.append(f"{v:.4g}{unit}")
+            out.append(f"{v:.15g}{unit}")  # exact: both ends stay where the user put them
     return out
 
 

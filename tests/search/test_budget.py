@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from dynsearch.errors import BudgetError
-from dynsearch.search.budget import check_reachable, format_bytes, parse_budget
+from dynsearch.search.budget import check_reachable, expand_budgets, format_bytes, parse_budget
 
 
 @pytest.mark.parametrize("text,file_bytes,bpw", [
@@ -61,3 +61,20 @@ def test_bad_budget_ranges_are_clear_errors(bad):
 def test_byte_budgets_are_named_without_exponents():
     assert parse_budget("105455000").spec == "105455000B"  # not 1.05455e+08B (a run's file name)
     assert parse_budget("100.0MB").spec == "100MB" and parse_budget("1.5GB").spec == "1.5GB"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("10000MB..20000MB/3", ["10000MB", "15000MB", "20000MB"]),
+    ("1KB..2GB/3", ["1KB", "1000000.5KB", "2000000KB"]),
+    ("123456..1234567/2", ["123456B", "1234567B"]),
+    ("1000.5MB..1001.5MB/3", ["1000.5MB", "1001MB", "1001.5MB"]),  # both ends stay put
+])
+def test_range_ends_and_steps_are_exact(text, expected):
+    budgets = [parse_budget(b) for b in expand_budgets([text])]
+    assert [b.spec for b in budgets] == expected
+    assert [parse_budget(b.spec).file_bytes for b in budgets] == [b.file_bytes for b in budgets]
+
+
+def test_a_range_of_a_billion_budgets_is_one_line_at_once():
+    with pytest.raises(BudgetError, match="N <= 64"):
+        expand_budgets(["1MB..2MB/1000000000"])
