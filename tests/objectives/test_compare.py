@@ -13,7 +13,7 @@ import torch
 from gguf import GGUFValueType as VT
 
 from dynsearch.cli import main
-from dynsearch.errors import DynsearchError, ModelError
+from dynsearch.errors import ModelError
 from dynsearch.objectives import compare
 from dynsearch.objectives.calibration import CalibrationError
 from dynsearch.objectives.forward import BlockwiseForward
@@ -24,7 +24,6 @@ from dynsearch.objectives.kl import kl_stats, perplexity_chunks, scored_position
 from dynsearch.objectives.scoring import gather_logprobs
 from dynsearch.recipes import schema
 from dynsearch.recipes.apply import apply_recipe
-from dynsearch.objectives.io.resolve import demo_model_path
 
 D, FF, N_LAYER = 64, 128, 2
 
@@ -44,10 +43,10 @@ def _tiny_tensors(n_vocab: int, seed: int = 0, d: int = D) -> dict[str, np.ndarr
     return t
 
 
-def _write_tiny(path: Path, seed: int = 0, d: int = D, swap_tokens: bool = False) -> Path:
-    """A random 2-layer llama with the demo model's tokenizer (its vocabulary, optionally with two
-    token strings swapped)."""
-    header = GGUFHeader(demo_model_path())
+def _write_tiny(path: Path, vocab_from: Path, seed: int = 0, d: int = D, swap_tokens: bool = False) -> Path:
+    """A random 2-layer llama with the tokenizer of ``vocab_from`` (the demo model's; its
+    vocabulary, optionally with two token strings swapped)."""
+    header = GGUFHeader(vocab_from)
     tokens = list(header.get("tokenizer.ggml.tokens"))
     keep = lambda k: k.startswith("tokenizer.") and not (swap_tokens and k == "tokenizer.ggml.tokens")  # noqa: E731
     kv = {"llama.context_length": (512, VT.UINT32), "llama.embedding_length": (d, VT.UINT32),
@@ -67,9 +66,9 @@ def _all_type_recipe(path: Path, qtype: str) -> schema.Recipe:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
+def tiny(tmp_path_factory, demo_model) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("tiny")
-    f32 = _write_tiny(d / "tiny-f32.gguf")
+    f32 = _write_tiny(d / "tiny-f32.gguf", demo_model)
     q8 = apply_recipe(_all_type_recipe(f32, "Q8_0"), f32, d / "tiny-q8_0.gguf", progress=False)
     q4 = apply_recipe(_all_type_recipe(f32, "Q4_0"), f32, d / "tiny-q4_0.gguf", progress=False)
     return {"f32": f32, "q8": q8, "q4": q4, "dir": d}
@@ -114,11 +113,11 @@ def test_self_is_zero_and_q8_closer_than_q4(tiny):
     assert "tiny-q8_0.gguf" in table and "Same top p %" in table and "MC flips" in table
 
 
-def test_mismatched_models_are_refused(tiny, tmp_path):
-    other = _write_tiny(tmp_path / "wide.gguf", d=2 * D)
+def test_mismatched_models_are_refused(tiny, tmp_path, demo_model):
+    other = _write_tiny(tmp_path / "wide.gguf", demo_model, d=2 * D)
     with pytest.raises(ModelError, match="not the same model: .*shape"):
         compare.compare_files([other], tiny["f32"], np.zeros(256, np.int32), seq_len=64, progress=False)
-    swapped = _write_tiny(tmp_path / "swapped.gguf", swap_tokens=True)
+    swapped = _write_tiny(tmp_path / "swapped.gguf", demo_model, swap_tokens=True)
     with pytest.raises(ModelError, match="vocabularies differ"):
         compare.compare_files([swapped], tiny["f32"], np.zeros(256, np.int32), seq_len=64, progress=False)
     with pytest.raises(ModelError, match="no such file"):
@@ -164,13 +163,10 @@ def test_cli_eval_and_compare(tiny, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def demo_pair(tmp_path_factory):
+def demo_pair(tmp_path_factory, demo_model):
     from dynsearch.bench.forward import f32_copy
 
-    try:
-        f32 = f32_copy(demo_model_path())
-    except DynsearchError as e:
-        pytest.skip(str(e))
+    f32 = f32_copy(demo_model)
     q4 = apply_recipe(_all_type_recipe(f32, "Q4_0"), f32, tmp_path_factory.mktemp("demo") / "demo-q4_0.gguf",
                       progress=False)
     return f32, q4

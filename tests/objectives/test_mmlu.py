@@ -174,11 +174,10 @@ def test_shipped_copy_reads():
     assert sum(len(mmlu.load_subject(mmlu_dir(), s, k=0)[1]) for s in subjects) == 14042
 
 
-def test_demo_model_variants_and_cli(tmp_path, capsys):
+def test_demo_model_variants_and_cli(tmp_path, capsys, demo_model):
     from dynsearch.objectives.tokenizer import Tokenizer
-    from dynsearch.objectives.io.resolve import demo_model_path
 
-    demo = demo_model_path()
+    demo = demo_model
     tok = Tokenizer.from_gguf(demo)
     v = mmlu.answer_variants(tok)
     assert all(len(ids) == 2 for ids in v.values())
@@ -194,7 +193,7 @@ def test_demo_model_variants_and_cli(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_letter_logprobs_match_llama_cpp():
+def test_demo_letter_logprobs_match_llama_cpp(demo_model):
     """Our scorer's answer-token log-probs for a real 5-shot prompt equal llama.cpp's (F32 copy of the
     demo model, so no activation rounding on llama.cpp's side)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference")
@@ -202,9 +201,8 @@ def test_demo_letter_logprobs_match_llama_cpp():
     from dynsearch.objectives.forward import BlockwiseForward
     from dynsearch.objectives.io.gguf_source import GGUFSource
     from dynsearch.objectives.tokenizer import Tokenizer
-    from dynsearch.objectives.io.resolve import demo_model_path
 
-    path = f32_copy(demo_model_path())
+    path = f32_copy(demo_model)
     tok = Tokenizer.from_gguf(path)
     variants = mmlu.answer_variants(tok)
     ids = sorted({t for v in variants.values() for t in v})

@@ -24,7 +24,7 @@ from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.objectives.io.gguf_write import write_model
 from dynsearch.bench.synthetic import Shape, write_synthetic_model
 
-from helpers import KL_MAX, demo_path, english_chunks, llamacpp_logprobs
+from helpers import KL_MAX, english_chunks, llamacpp_logprobs
 
 N_CTX = 256
 N_CHUNKS = 2  # 512 tokens
@@ -45,14 +45,14 @@ def llama_cpp():
 
 
 @pytest.fixture(scope="module")
-def chunks(llama_cpp) -> np.ndarray:
-    return english_chunks(llama_cpp, N_CTX, N_CHUNKS)
+def chunks(llama_cpp, demo_model) -> np.ndarray:
+    return english_chunks(llama_cpp, demo_model, N_CTX, N_CHUNKS)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict:
+def models(tmp_path_factory, demo_model) -> dict:
     d = tmp_path_factory.mktemp("moe")
-    return {a: write_synthetic_model(d / f"{a}.gguf", s, seed=0, tokenizer_from=demo_path())
+    return {a: write_synthetic_model(d / f"{a}.gguf", s, seed=0, tokenizer_from=demo_model)
             for a, s in SHAPES.items()}
 
 
@@ -122,8 +122,8 @@ def test_llama4_config(models):
     assert fwd._mask(3, 8192 + 4) is None  # the full-attention layer
 
 
-def test_moe_metadata_errors(tmp_path, models):
-    demo = GGUFHeader(demo_path())
+def test_moe_metadata_errors(tmp_path, models, demo_model):
+    demo = GGUFHeader(demo_model)
     src = GGUFSource(models["qwen3moe"])
     tensors = {n: src.load(n) for n in src.names()}
     h = src.header

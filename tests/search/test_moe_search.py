@@ -16,8 +16,6 @@ from dynsearch.objectives.stats import moe
 from dynsearch.search.profile import TensorStats, profile_tensor, quantize_tensor, tensor_error
 from dynsearch.kernels import dequantize, quantize
 
-from helpers import demo_path
-
 TINY = Shape(n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=49152, tied=True,
              arch="qwen3moe", n_expert=4, n_expert_used=2, n_ff_exp=64, dead_experts=(3,))
 
@@ -76,9 +74,9 @@ def test_stack_quantized_per_expert_with_its_own_importance():
 
 
 @pytest.fixture(scope="module")
-def tiny_moe(tmp_path_factory):
+def tiny_moe(tmp_path_factory, demo_model):
     return write_synthetic_model(tmp_path_factory.mktemp("m") / "tiny-qwen3moe.gguf", TINY, seed=3,
-                                 tokenizer_from=demo_path())
+                                 tokenizer_from=demo_model)
 
 
 def test_fisher_pass_gives_per_expert_output_fisher(tiny_moe):

