@@ -11,6 +11,9 @@ sequences and are never all held at once::
 
 ``overrides`` maps tensor names to replacement float32 weights (a dequantized candidate), shaped
 as ``source.shape(name)``; ``capture(name, x)`` sees the input of every linear weight.
+
+Everything that enters the block math -- weights, token ids, hidden states a caller makes -- goes
+to the run's device through :func:`to_device`, the one host -> device move of a pass.
 """
 
 from __future__ import annotations
@@ -33,6 +36,20 @@ Overrides = Mapping[str, "np.ndarray | torch.Tensor"]
 
 HEAD_BYTES = 128 << 20  # float32 logits of one head batch, at most (but always one sequence)
 HEAD_ROWS_BYTES = 8 << 20  # float32 logits of one chunk of :meth:`BlockwiseForward.head_rows`
+
+
+def to_device(x: np.ndarray | torch.Tensor, device: torch.device | str,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` (a numpy array or a tensor anywhere) as a tensor on ``device`` (``dtype`` if given)."""
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    return t.to(device=device, dtype=dtype)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (CUDA runs asynchronously): before reading a clock."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class BlockwiseForward:
@@ -62,8 +79,8 @@ class BlockwiseForward:
                 raise ModelError(f"override for {name!r} has shape {tuple(w.shape)}, "
                                  f"expected {self.source.shape(name)}")
         else:
-            w = torch.from_numpy(self.source.load(name))
-        return w.to(self.device)
+            w = self.source.load(name)
+        return to_device(w, self.device)
 
     def layer_weights(self, il: int, overrides: Overrides | None = None) -> LayerWeights:
         system.trim()  # between blocks: the last one's temporaries, beyond what the next reuses
@@ -74,8 +91,7 @@ class BlockwiseForward:
 
     def embed(self, tokens: np.ndarray | torch.Tensor, overrides: Overrides | None = None) -> torch.Tensor:
         """Token embeddings (n_seq, T, d) of tokens (n_seq, T)."""
-        tok = (tokens if isinstance(tokens, torch.Tensor) else torch.from_numpy(np.asarray(tokens)))
-        tok = tok.to(device=self.device, dtype=torch.long)
+        tok = to_device(tokens, self.device, torch.long)
         if tok.ndim != 2:
             raise ValueError(f"tokens must be (n_seq, seq_len), got shape {tuple(tok.shape)}")
         if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= self.cfg.n_vocab):
@@ -84,8 +100,8 @@ class BlockwiseForward:
         if rows is not None and (overrides is None or "token_embd.weight" not in overrides):
             # only the rows of the tokens present: the vocabulary-wide table is never resident
             ids, inv = torch.unique(tok.cpu(), return_inverse=True)
-            table = torch.from_numpy(rows("token_embd.weight", ids.numpy())).to(self.device)
-            h = torch.nn.functional.embedding(inv.to(self.device), table)
+            table = to_device(rows("token_embd.weight", ids.numpy()), self.device)
+            h = torch.nn.functional.embedding(to_device(inv, self.device), table)
         else:
             h = torch.nn.functional.embedding(tok, self.weight("token_embd.weight", overrides))
         if self.spec.embed_scale:

@@ -29,6 +29,7 @@ class ProfileBackend:
     scheduler: str | None = None  # Dask scheduler address; None: $DYNSEARCH_DASK_SCHEDULER
     connect_timeout: float = 10.0  # seconds to reach the scheduler
     workers_timeout: float = 60.0  # seconds to wait for a first Dask worker to join
+    device: str = "cpu"  # torch device of the error term's matrix product, in threads of this process
 
     @property
     def remote(self) -> bool:

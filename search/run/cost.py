@@ -9,7 +9,7 @@ The blocks' share of a pass is scaled by :class:`BlockPace`, the model's heavies
 once before the estimate (loading, attention and the statistics' capture, which FLOPs miss).
 Not priced: reading a model that does not fit the page cache from disk::
 
-    est = estimate(source, cfg)      # cfg: pipeline.RunConfig
+    est = estimate(source, cfg)      # cfg: config.RunConfig
     print(est.format())
 """
 
@@ -22,8 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from dynsearch.kernels import effective_type, tensor_nbytes
+from dynsearch.atomic import atomic_write_text
+from dynsearch.kernels import dequantize, effective_type, quantize, tensor_nbytes
+from dynsearch.objectives.evaluate import default_cache_bytes
+from dynsearch.objectives.forward import HEAD_ROWS_BYTES, BlockwiseForward, synchronize, to_device
+from dynsearch.objectives.stats.capture import ActivationStats, CaptureConfig, input_group
+from dynsearch.objectives.stats.fisher import HEAD_CHUNK_BYTES
+from dynsearch.system import cache_root
 
 SAMPLE_WEIGHTS = 1 << 17  # weights timed per (type, row width): a few ms each once compiled
 F64_SLOWDOWN = 2.0  # float64 matmul time over float32 (half the SIMD lanes): the profiler's error term
@@ -89,21 +96,20 @@ def format_taken(seconds: dict[str, float], est: CostEstimate | None = None) -> 
 
 
 def _cache_path() -> Path:
-    from dynsearch.system import cache_root
-
     return cache_root() / "throughput.json"
 
 
-def measure_matmul_flops(n: int = 1024, repeat: int = 3) -> float:
-    """Best of ``repeat`` (a busy machine's noise only slows a run down)."""
-    import torch
-
-    a, h = torch.randn(4 * n, n), torch.randn(n, n)
+def measure_matmul_flops(n: int = 1024, repeat: int = 3, device: str = "cpu") -> float:
+    """Float32 matmul FLOP/s on ``device``, best of ``repeat`` (a busy machine's noise only
+    slows a run down)."""
+    a, h = to_device(torch.randn(4 * n, n), device), to_device(torch.randn(n, n), device)
     a @ h  # warm-up
+    synchronize(device)
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
         a @ h
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2.0 * 4 * n * n * n / max(best, 1e-9)
 
@@ -111,8 +117,6 @@ def measure_matmul_flops(n: int = 1024, repeat: int = 3) -> float:
 def measure_quant(qtype: str, n_per_row: int, n_weights: int = SAMPLE_WEIGHTS, repeat: int = 2) -> float:
     """Seconds per weight of quantize (with an importance vector) + dequantize, best of ``repeat``
     on about ``n_weights`` weights (enough that the kernels' fixed costs do not count)."""
-    from dynsearch.kernels import dequantize, quantize
-
     rng = np.random.default_rng(0)
     rows = max(4, n_weights // n_per_row)
     w = rng.standard_normal((rows, n_per_row), dtype=np.float32)
@@ -126,8 +130,16 @@ def measure_quant(qtype: str, n_per_row: int, n_weights: int = SAMPLE_WEIGHTS, r
     return best / w.size
 
 
-def throughput(pairs: set[tuple[str, int]], cache: Path | None = None) -> Throughput:
-    """Measured throughput of ``(type, width)`` pairs, read from / added to the per-host cache."""
+def _flops_key(device: str) -> str:
+    """The cache's key of the matmul rate on ``device`` ("flops" for the CPU, as before devices)."""
+    kind = torch.device(device).type
+    return "flops" if kind == "cpu" else f"flops@{kind}"
+
+
+def throughput(pairs: set[tuple[str, int]], cache: Path | None = None, device: str = "cpu") -> Throughput:
+    """Measured throughput of ``(type, width)`` pairs (the kernels, on this host's CPUs) and of
+    the matmul on ``device`` (the passes and the profiler's error term), read from / added to
+    the per-host cache."""
     path = cache or _cache_path()
     host = socket.gethostname()
     try:
@@ -136,23 +148,22 @@ def throughput(pairs: set[tuple[str, int]], cache: Path | None = None) -> Throug
         data = {}
     mine = data.get(host, {}) if isinstance(data, dict) else {}
     changed = False
-    if not isinstance(mine.get("flops"), (int, float)):
-        mine["flops"], changed = measure_matmul_flops(), True
+    fkey = _flops_key(device)
+    if not isinstance(mine.get(fkey), (int, float)):
+        mine[fkey], changed = measure_matmul_flops(device=device), True
     quant = mine.setdefault("quant", {})
     for t, n in sorted(pairs):
         key = f"{t}@{n}"
         if not isinstance(quant.get(key), (int, float)):
             quant[key], changed = measure_quant(t, n), True
     if changed:
-        from dynsearch.atomic import atomic_write_text
-
         data = data if isinstance(data, dict) else {}
         data[host] = mine
         try:
             atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
         except OSError:
             pass  # a read-only home: measured again next time
-    return Throughput({(t, n): float(quant[f"{t}@{n}"]) for t, n in pairs}, float(mine["flops"]))
+    return Throughput({(t, n): float(quant[f"{t}@{n}"]) for t, n in pairs}, float(mine[fkey]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,13 +183,8 @@ class BlockPace:
 
 def measure_block_pace(source, seq_len: int, flops: float, device: str = "cpu") -> BlockPace:
     """Time the heaviest block of ``source`` (weights loaded from the file, as a pass does) on one
-    sequence of ``seq_len`` random hidden states, plainly and with the statistics' capture; best
-    of two each."""
-    import torch
-
-    from dynsearch.objectives.stats.capture import ActivationStats, CaptureConfig
-    from dynsearch.objectives.forward import BlockwiseForward
-
+    sequence of ``seq_len`` random hidden states on ``device``, plainly and with the statistics'
+    capture; best of two each."""
     fwd = BlockwiseForward(source, device=device, batch_size=1)
     n = fwd.cfg.n_layer
     if n == 0:
@@ -192,9 +198,11 @@ def measure_block_pace(source, seq_len: int, flops: float, device: str = "cpu") 
     def best(capture) -> float:
         times = []
         for _ in range(2):
-            h = h0.clone()
+            h = to_device(h0.clone(), fwd.device)  # run_block writes into h
+            synchronize(fwd.device)
             t = time.perf_counter()
             fwd.run_block(il, h, capture=capture() if capture else None)
+            synchronize(fwd.device)
             times.append(time.perf_counter() - t)
         return min(times)
 
@@ -207,17 +215,12 @@ def estimate(source, cfg, tp: Throughput | None = None, pace: BlockPace | None =
     """Cost of ``dynsearch run`` with ``cfg`` (a RunConfig) on ``source``, from ``tp`` (default:
     this machine's, measured once and cached) and ``pace`` (default: measured now on the model's
     heaviest block; ``BlockPace()`` prices blocks at their FLOPs alone)."""
-    from dynsearch.objectives.stats.capture import input_group
-    from dynsearch.objectives.forward import HEAD_ROWS_BYTES
-    from dynsearch.objectives.evaluate import default_cache_bytes
-    from dynsearch.objectives.stats.fisher import HEAD_CHUNK_BYTES
-
     mc = source.config
     names = [n for n in source.names() if len(source.shape(n)) >= 2]
     shapes = {n: source.shape(n) for n in names}
     eff = {n: sorted({effective_type(t, shapes[n][-1]).name for t in cfg.types}) for n in names}
     if tp is None:
-        tp = throughput({(t, shapes[n][-1]) for n in names for t in eff[n]})
+        tp = throughput({(t, shapes[n][-1]) for n in names for t in eff[n]}, device=cfg.device)
     workers = max(1, int(cfg.workers))
     n_params = int(sum(int(np.prod(source.shape(n))) for n in source.names()))
     block_params = sum(int(np.prod(s)) for n, s in shapes.items() if n.startswith("blk."))
@@ -277,13 +280,3 @@ def estimate(source, cfg, tp: Throughput | None = None, pace: BlockPace | None =
                                / workers, "trial_s": float(trial_s), "forward_token_s": fwd_s(1),
                                "block_bytes": block_bytes, "grams_bytes": grams,
                                "quant_cache_bytes": qcache, "stats_disk_bytes": stats_disk})
-
-
-def estimate_run(cfg) -> CostEstimate:
-    """The estimate for a RunConfig (its model opened, its configuration checked first)."""
-    from dynsearch.objectives.io.model import open_model
-    from dynsearch.objectives.io.resolve import resolve_model
-    from dynsearch.search.run.pipeline import check_config
-
-    check_config(cfg)
-    return estimate(open_model(resolve_model(cfg.model)), cfg)

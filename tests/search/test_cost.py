@@ -1,6 +1,7 @@
 """The cost model printed before a run (search/cost.py): structure, scaling, the throughput cache."""
 
 import json
+import os
 import socket
 
 import numpy as np
@@ -9,14 +10,16 @@ import pytest
 from dynsearch.kernels import effective_type
 from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.bench.synthetic import Shape, write_synthetic_model
+from dynsearch.cli import _run_config, build_parser
+from dynsearch.search.cluster import ProfileBackend
 from dynsearch.search.run import cost
 from dynsearch.search.run.cost import BlockPace, CostEstimate, Throughput, throughput
+from dynsearch.search.run.config import RunConfig
 
 
 def estimate(src, cfg, tp=None, pace=BlockPace()):
     """cost.estimate with blocks priced at their FLOPs (no timing of a real block: exact sums)."""
     return cost.estimate(src, cfg, tp, pace)
-from dynsearch.search.run.pipeline import RunConfig
 
 TYPES = ("Q4_0", "Q8_0", "Q4_K")
 
@@ -41,8 +44,8 @@ def _tp(src, types=TYPES, s=2e-8, flops=1e10):
 
 def _cfg(**kw):
     kw = {"calib_tokens": 1024, "fisher_tokens": 512, "search_tokens": 512, "eval_tokens": 512,
-          "trials": 4, **kw}
-    return RunConfig(model="x", budgets=("5bpw",), types=TYPES, **kw)
+          "trials": 4, "workers": 1, **kw}
+    return RunConfig.parse("x", ["5bpw"], TYPES, **kw)
 
 
 def test_structure_and_profile_time_equal_brute_force(models):
@@ -129,7 +132,7 @@ def test_measured_throughput_is_sane():
 def test_cli_estimate_prints_and_runs_nothing(models, tmp_path, monkeypatch, capsys):
     from dynsearch.cli import main
 
-    monkeypatch.setattr(cost, "throughput", lambda pairs, cache=None: Throughput(
+    monkeypatch.setattr(cost, "throughput", lambda pairs, cache=None, device="cpu": Throughput(
         {p: 1e-8 for p in pairs}, 1e10))
     rc = main(["run", str(models[2].path), "--budget", "5bpw", "--types", "Q4_0,Q8_0", "--out", str(tmp_path / "o"),
                "--estimate", "--quiet"])
@@ -161,3 +164,45 @@ def test_block_pace_is_measured_on_the_model_and_scales_the_passes(models):
     want = 2.0 * (1024 * (3.0 * blocks + head) + 3 * 512 * (2.0 * blocks + head)) / tp.flops
     assert paced.stats_s == pytest.approx(want, rel=1e-12)
     assert paced.search_s > base.search_s and paced.profile_s == base.profile_s
+
+
+def test_block_pace_runs_on_the_run_device(models, monkeypatch):
+    """Every tensor reaching the block math is on the run's device. torch's 'meta' device (shapes
+    without data, no GPU needed) refuses a CPU tensor mixed into an operation as CUDA does: the
+    random hidden states the pace was timed on were made on the CPU (`--device cuda` crashed in
+    rms_norm). The statistics' capture reads values (meta has none): a device check stands in."""
+    seen = []
+
+    class DeviceCheck:  # the capture's interface: (tensor name, its input rows)
+        def __init__(self, cfg):
+            pass
+
+        def __call__(self, name, x):
+            seen.append((name, x.device.type))
+
+    monkeypatch.setattr(cost, "ActivationStats", DeviceCheck)
+    pace = cost.measure_block_pace(models[2], 16, 1e10, device="meta")
+    assert pace.plain >= 1.0 and pace.capture >= 1.0
+    assert len(seen) == 2 * 7 and {d for _, d in seen} == {"meta"}  # 7 linear inputs, twice
+
+
+def test_matmul_rate_and_its_cache_are_per_device(tmp_path, monkeypatch):
+    got = []
+    monkeypatch.setattr(cost, "measure_matmul_flops", lambda *a, device="cpu", **k: got.append(device) or 1e9)
+    monkeypatch.setattr(cost, "measure_quant", lambda t, n, *a, **k: 1e-8)
+    path = tmp_path / "throughput.json"
+    assert throughput({("Q4_0", 256)}, cache=path).flops == 1e9
+    assert throughput({("Q4_0", 256)}, cache=path, device="cuda:1").flops == 1e9
+    throughput({("Q4_0", 256)}, cache=path, device="cuda")  # cached: any CUDA device of this host
+    assert got == ["cpu", "cuda:1"]
+    assert set(json.loads(path.read_text())[socket.gethostname()]) == {"flops", "flops@cuda", "quant"}
+    assert cost.measure_matmul_flops(n=64, repeat=1, device="meta") > 0  # runs where asked
+
+
+def test_profiling_uses_every_core_by_default():
+    cores = len(os.sched_getaffinity(0))
+    assert RunConfig.parse("x", ["5bpw"]).workers == cores
+    args = build_parser().parse_args(["run", "m.gguf", "--budget", "5bpw"])
+    assert _run_config(args).workers == cores and _run_config(args).profile_backend().n_jobs == cores
+    args = build_parser().parse_args(["run", "m.gguf", "--budget", "5bpw", "--workers", "1", "--device", "cuda"])
+    assert _run_config(args).profile_backend() == ProfileBackend(n_jobs=1, device="cuda")
