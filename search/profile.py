@@ -243,7 +243,7 @@ class ProfileJob:
 @functools.lru_cache(maxsize=4)
 def _open_source(path: str, model_key: str):
     """The model at ``path``, opened once per process and checked to be the run's model."""
-    from dynsearch.objectives.io.model import open_model
+    from dynsearch.objectives.io.resolve import open_model
     from dynsearch.search.run.pipeline import model_fingerprint
 
     where = f"{socket.gethostname()} (pid {os.getpid()})"

@@ -20,7 +20,7 @@ def never_runs(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the run started despite a bad input")
     monkeypatch.setattr(pipeline, "open_model", boom, raising=False)
-    monkeypatch.setattr("dynsearch.objectives.io.model.open_model", boom)
+    monkeypatch.setattr("dynsearch.objectives.io.resolve.open_model", boom)
 
 
 def _run(capsys, *argv) -> str:

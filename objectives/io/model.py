@@ -9,14 +9,12 @@ be processed block by block.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from dynsearch.kernels import QT
-
 from dynsearch.errors import ModelError
+from dynsearch.kernels import QT
 
 
 @dataclass(frozen=True)
@@ -86,20 +84,6 @@ class WeightSource(Protocol):
     def load(self, name: str) -> np.ndarray:
         """The tensor dequantized to float32, shaped as :meth:`shape`."""
         ...
-
-
-def open_model(path: str | Path, **kwargs) -> WeightSource:
-    """Open a ``.gguf`` file or a Hugging Face checkpoint folder (config.json + *.safetensors)."""
-    p = Path(path)
-    if p.is_dir():
-        from dynsearch.objectives.io.hf_source import SafetensorsSource
-
-        return SafetensorsSource(p, **kwargs)
-    if p.is_file():
-        from dynsearch.objectives.io.gguf_source import GGUFSource
-
-        return GGUFSource(p, **kwargs)
-    raise ModelError(f"{p}: no such file or folder")
 
 
 def missing_tensor(source_name: str, name: str) -> ModelError:

@@ -1,4 +1,5 @@
-"""Resolving what users type as MODEL: a GGUF file, a Hugging Face folder, or a known alias."""
+"""What users type as MODEL (a GGUF file, a Hugging Face folder, or a known alias) resolved to a
+path, and a path opened as the matching weight source."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 from pathlib import Path
 
 from dynsearch.errors import ModelError
+from dynsearch.objectives.io.gguf_source import GGUFSource
+from dynsearch.objectives.io.hf_source import SafetensorsSource
+from dynsearch.objectives.io.model import WeightSource
 
 # alias -> Hugging Face repo id (fetched with huggingface_hub when online)
 HUB_ALIASES = {
@@ -53,6 +57,17 @@ def resolve_model(spec: str) -> Path:
         raise ModelError(f"{spec}: no such file or folder, and not a known alias "
                          f"({', '.join([DEMO_ALIAS, *HUB_ALIASES])}) or Hugging Face repo id")
     return _from_hub(repo)
+
+
+def open_model(path: str | Path) -> WeightSource:
+    """Open a ``.gguf`` file or a Hugging Face checkpoint folder (config.json + *.safetensors);
+    either is checked against its own tensors when opened."""
+    p = Path(path)
+    if p.is_dir():
+        return SafetensorsSource(p)
+    if p.is_file():
+        return GGUFSource(p)
+    raise ModelError(f"{p}: no such file or folder")
 
 
 def _from_hub(repo: str) -> Path:

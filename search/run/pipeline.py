@@ -465,7 +465,7 @@ def prepare(cfg: RunConfig, progress: bool = True) -> Prepared:
     """Model, tokens, statistics, profiled search space: everything before the search. Every
     costly part is read from the cache when present, so a second process prepares quickly."""
     from dynsearch.objectives.forward import BlockwiseForward
-    from dynsearch.objectives.io.model import open_model
+    from dynsearch.objectives.io.resolve import open_model
     from dynsearch.objectives.io.resolve import resolve_model
 
     check_config(cfg)  # errors before any work

@@ -16,7 +16,7 @@ import torch
 from dynsearch.errors import ModelError
 from dynsearch.objectives.forward import BlockwiseForward
 from dynsearch.objectives.io.hf_source import SafetensorsSource
-from dynsearch.objectives.io.model import open_model
+from dynsearch.objectives.io.resolve import open_model
 
 transformers = pytest.importorskip("transformers", reason="transformers (the HF reference) is not installed")
 

@@ -103,7 +103,7 @@ def _stats_file(path: Path, stats: dict[str, TensorStats]) -> Path:
 
 
 def test_profile_job_is_small_and_equals_in_memory_profiling(tiny_model, tmp_path):
-    from dynsearch.objectives.io.model import open_model
+    from dynsearch.objectives.io.resolve import open_model
     from dynsearch.search.run.pipeline import model_fingerprint
 
     src = open_model(tiny_model)
@@ -391,7 +391,7 @@ def test_run_and_two_workers_profile_on_dask(tiny_model, dask_cluster, tmp_path)
     for e in entries:
         with np.load(e) as z:
             origins.append(json.loads(str(z["origin"])))
-    from dynsearch.objectives.io.model import open_model
+    from dynsearch.objectives.io.resolve import open_model
 
     searched = [n for n in open_model(tiny_model).names() if len(open_model(tiny_model).shape(n)) == 2]
     assert len(entries) == len(searched) == 15
