@@ -62,6 +62,11 @@ class CostEstimate:
     def total_s(self) -> float:
         return self.stats_s + self.profile_s + self.search_s + self.write_s
 
+    def phases(self) -> dict[str, float]:
+        """Seconds per phase, keyed as :func:`phase_seconds`."""
+        return {"statistics": self.stats_s, "profiling": self.profile_s, "search": self.search_s,
+                "GGUF": self.write_s}
+
     def format(self) -> str:
         def t(s: float) -> str:
             return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
@@ -76,18 +81,23 @@ class CostEstimate:
                 f"  peak memory {b(self.peak_bytes)}, disk {b(self.disk_bytes)}")
 
 
+def format_seconds(x: float) -> str:
+    return f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min" if x < 7200 else f"{x / 3600:.1f} h"
+
+
+def phase_seconds(seconds: dict[str, float]) -> dict[str, float]:
+    """A RunResult's ``seconds`` in the estimate's phases (its search includes the held-out KL)."""
+    return {"statistics": seconds.get("statistics", 0.0), "profiling": seconds.get("profiling", 0.0),
+            "search": seconds.get("search", 0.0) + seconds.get("held-out", 0.0), "GGUF": seconds.get("GGUF", 0.0)}
+
+
 def format_taken(seconds: dict[str, float], est: CostEstimate | None = None) -> str:
     """The phases' measured wall time (a RunResult's ``seconds``), each beside its estimate."""
-    def t(x: float) -> str:
-        return f"{x:.1f} s" if x < 120 else f"{x / 60:.1f} min" if x < 7200 else f"{x / 3600:.1f} h"
-
-    search = seconds.get("search", 0.0) + seconds.get("held-out", 0.0)  # the estimate's search part
-    taken = {"statistics": seconds.get("statistics", 0.0), "profiling": seconds.get("profiling", 0.0),
-             "search": search, "GGUF": seconds.get("GGUF", 0.0)}
-    guess = (None if est is None else
-             {"statistics": est.stats_s, "profiling": est.profile_s, "search": est.search_s, "GGUF": est.write_s})
-    parts = [f"{k} {t(v)}" + ("" if guess is None else f" (est. {t(guess[k])})") for k, v in taken.items()]
-    total = f"total {t(sum(taken.values()))}" + ("" if est is None else f" (est. {t(est.total_s)})")
+    taken = phase_seconds(seconds)
+    guess = None if est is None else est.phases()
+    parts = [f"{k} {format_seconds(v)}" + ("" if guess is None else f" (est. {format_seconds(guess[k])})")
+             for k, v in taken.items()]
+    total = f"total {format_seconds(sum(taken.values()))}" + ("" if est is None else f" (est. {format_seconds(est.total_s)})")
     return f"time: {', '.join(parts)}; {total}"
 
 
