@@ -1,21 +1,119 @@
 """Atomic file writes: a temporary file in the destination folder, fsynced, then renamed over the
 destination. An interrupted writer leaves the previous file (or none), never a partial one.
 
-Temporary files are named ``.<name>.<host>-<pid>.<random>.tmp``: hidden, with a suffix no output
-has, so they cannot be mistaken for outputs. A writer killed with SIGKILL cannot remove its own;
-the next write of the same file removes those of writers on this machine whose process is gone.
+Before anything is written, :func:`check_output` refuses in one line an output that is one of the
+command's own inputs (the same path, another spelling of it, a symlink or a hard link to it) or
+that cannot be written there: a folder, a device, a path under a file, a read-only or immutable
+file or folder, a name longer than the file system allows. Commands call it with their inputs
+before their work starts; :func:`atomic_path` calls it again without them.
+
+Temporary files are named ``.<name>.dynsearch-<host>-<pid>.<random>.tmp`` (the name cut to 100
+characters): hidden, with a suffix no output has, saying who wrote them. A writer killed with
+SIGKILL cannot remove its own; the next atomic write into the same folder removes every such file
+of a writer on this machine whose process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import re
 import socket
+import stat
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
+
+from dynsearch.errors import OutputError
+
+_NAME_IN_TEMP = 100  # characters of the destination's name kept in its temporary file's name
+# errors of a write into the temporary file that are about the destination, not the input
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def check_output(dest: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """``dest`` as a Path, after checking that an atomic write can create or replace it and that it
+    is none of ``inputs`` (None entries are skipped); raises OutputError naming the problem."""
+    dest = check_not_input(dest, inputs)
+    folder = _nearest_folder(dest)
+    name_max = _name_max(folder)
+    for part in dest.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise OutputError(f"{dest}: a name of {len(os.fsencode(part))} bytes, the file system "
+                              f"allows at most {name_max}")
+    try:
+        st = os.stat(dest)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot write: {e.strerror or e}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"{dest}: is a folder; give the name of a file to write")
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"{dest}: is not a regular file (a device, pipe or socket); "
+                              "give the name of a file to write")
+        if not os.access(dest, os.W_OK):
+            raise OutputError(f"{dest}: is read-only{_why_read_only(dest)}; not replaced")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{dest}: cannot write in the folder {folder}{_why_read_only(folder)}")
+    return dest
+
+
+def check_not_input(dest: str | Path, inputs: Iterable[str | Path | None]) -> Path:
+    """``dest`` as a Path, after checking that it is none of ``inputs`` (None entries skipped)."""
+    dest = Path(dest)
+    for src in inputs:
+        if src is not None and _same_file(dest, Path(src)):
+            raise OutputError(f"{dest}: the output would overwrite the input {src}")
+    return dest
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same inode (any spelling, symlink or hard link),
+    or, where one does not exist yet, the same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _nearest_folder(dest: Path) -> Path:
+    """The closest existing ancestor of ``dest`` (where its missing folders would be created);
+    OutputError when that is not a folder."""
+    p = dest.parent
+    while True:
+        try:
+            st = os.stat(p)
+        except (FileNotFoundError, NotADirectoryError):
+            p = p.parent
+            continue
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:  # reported by name below
+                p = p.parent
+                continue
+            raise OutputError(f"{dest}: cannot reach {p}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"{dest}: {p} is not a folder")
+        return p
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _why_read_only(path: Path) -> str:
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return " (a read-only file system)"
+    except OSError:
+        pass
+    return " (no write permission, or marked immutable)"
 
 
 @contextlib.contextmanager
@@ -24,23 +122,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     When the block ends without error the temporary file is fsynced, given an ordinary file's mode
     and renamed over ``path``; on any error (or interrupt) it is removed and ``path`` is untouched.
+    A full disk or a destination that turns read-only meanwhile is an OutputError.
     """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(dest)}{os.getpid()}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    dest = check_output(path)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot write: {e.strerror or e}") from None
     try:
         yield Path(tmp)
+        _commit(Path(tmp), dest)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS and e.filename in (None, tmp):
+            raise OutputError(f"{dest}: cannot write: {e.strerror or e}") from None
+        raise
+
+
+def _commit(tmp: Path, dest: Path) -> None:
+    try:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    except OSError as e:
+        raise OutputError(f"{dest}: cannot write: {e.strerror or e}") from None
+    _fsync_dir(dest.parent)
 
 
 @contextlib.contextmanager
@@ -59,27 +170,27 @@ def _host() -> str:
 
 
 def _temp_prefix(dest: Path) -> str:
-    return f".{dest.name}.{_host()}-"
+    return f".{dest.name[:_NAME_IN_TEMP]}.dynsearch-{_host()}-{os.getpid()}."
 
 
-_TEMP_REST = re.compile(r"^(\d+)\.[A-Za-z0-9_]+\.tmp$")  # <pid>.<mkstemp's random part>.tmp
+# .<name>.dynsearch-<host>-<pid>.<mkstemp's random part>.tmp (greedy: the last "dynsearch-")
+_TEMP = re.compile(r"^\..*\.dynsearch-([A-Za-z0-9]+)-(\d+)\.[A-Za-z0-9_]+\.tmp$", re.DOTALL)
 
 
-def remove_stale_temps(dest: str | Path) -> list[Path]:
-    """Remove the temporary files of ``dest`` whose writer ran on this machine and is gone (a
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporary files in ``folder`` whose writer ran on this machine and is gone (a
     SIGKILL or a power cut skips the cleanup); a live writer's file is left alone."""
-    dest = Path(dest)
-    prefix, removed = _temp_prefix(dest), []
+    folder, removed = Path(folder), []
     try:
-        entries = os.listdir(dest.parent)
+        entries = os.listdir(folder)
     except OSError:
         return removed
     for entry in entries:
-        m = _TEMP_REST.match(entry[len(prefix):]) if entry.startswith(prefix) else None
-        if m and not _alive(int(m.group(1))):
+        m = _TEMP.match(entry)
+        if m and m.group(1) == _host() and not _alive(int(m.group(2))):
             with contextlib.suppress(OSError):
-                os.unlink(dest.parent / entry)
-                removed.append(dest.parent / entry)
+                os.unlink(folder / entry)
+                removed.append(folder / entry)
     return removed
 
 

@@ -19,6 +19,11 @@ class RecipeError(DynsearchError, ValueError):
     """A recipe file is malformed or does not fit the model."""
 
 
+class OutputError(DynsearchError, ValueError):
+    """An output cannot be written where asked: it is one of the command's own inputs, a folder, a
+    device, under a file, read-only, or its name is too long (checked before the work starts)."""
+
+
 class BudgetError(DynsearchError, ValueError):
     """A size budget is malformed or cannot be reached."""
 

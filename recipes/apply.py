@@ -12,7 +12,8 @@ under ``dynsearch.recipe`` (see :mod:`.llama_quant` for the rules mirrored):
   folder that is fsynced and renamed only when complete.
 
 Everything that can be wrong with the inputs (recipe vs model, types we cannot write, missing or
-mis-sized importance vectors) is checked before the first byte is written.
+mis-sized importance vectors) or the output (one of the inputs, a folder, a read-only place: see
+:func:`dynsearch.atomic.check_output`) is checked before the first byte is written.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Callable, Mapping
 import gguf
 import numpy as np
 
-from dynsearch.atomic import atomic_path
+from dynsearch.atomic import atomic_path, check_output
 from dynsearch.errors import ModelError, RecipeError
 from dynsearch.kernels import QT, kernel, parse_qtype, quantizable_types, type_info
 from dynsearch.objectives.io.gguf_write import TensorOut, encode, metadata_writer, write_tensors
@@ -49,8 +50,10 @@ class ImatrixFile:
     @classmethod
     def read(cls, path: str | Path) -> ImatrixFile:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise RecipeError(f"{p}: imatrix file not found")
+        if not p.is_file():
+            raise RecipeError(f"{p}: not a file, cannot be an imatrix")
         try:
             return cls(str(path), read_imatrix(p))
         except (ImatrixFormatError, ValueError, OSError) as e:
@@ -160,15 +163,13 @@ def apply_recipe(recipe: Recipe, model_path: str | Path, out_path: str | Path,
     ``importance``: an :class:`ImatrixFile` (its ``quantize.imatrix.*`` keys are recorded, as
     llama-quantize does), or importance vectors by tensor name (a mapping or a function).
     """
+    imatrix_path = importance.arg if isinstance(importance, ImatrixFile) else None
+    out = check_output(out_path, (model_path, imatrix_path))
     src = open_source(model_path)
     tensors = plan_tensors(recipe, src, importance)
     ftype = llama_quant.file_type(recipe.tensors)
     kv = llama_quant.imatrix_metadata(importance.arg, importance.data) if isinstance(importance, ImatrixFile) else []
     replaced = {*_SET_BY_QUANTIZE, RECIPE_KEY, *(k for k, _, _ in kv)}
-
-    out = Path(out_path)
-    if out.resolve() == src.path.resolve():
-        raise RecipeError(f"{out}: the output would overwrite the source model")
     with atomic_path(out) as tmp:
         writer = metadata_writer(tmp, src.header, keep=lambda k: k not in replaced)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

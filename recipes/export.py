@@ -26,6 +26,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynsearch.atomic import check_not_input
 from dynsearch.errors import RecipeError
 from dynsearch.kernels import parse_qtype
 from dynsearch.recipes import llama_quant
@@ -74,8 +75,11 @@ def export_llama_quantize(recipe: Recipe, tensor_type_path: str | Path, model: s
 
     With ``model`` the recipe is checked against it (every tensor covered; tensors llama-quantize
     copies as stored keep their type) and ``--allow-requantize`` is added only where the model is
-    quantized; without it the placeholders ``MODEL.gguf`` and the flag are used.
+    quantized; without it the placeholders ``MODEL.gguf`` and the flag are used. An ``output``
+    that is the model or the imatrix (llama-quantize would write over it) is an OutputError.
     """
+    if output is not None:
+        check_not_input(output, (model, imatrix))
     base = llama_quant.file_type(recipe.tensors)
     requantize = _check_model(recipe, model, base, imatrix) if model is not None else True
     cmd = [exe]

@@ -4,7 +4,8 @@ The recipe is read with the strict schema loader and written back with the schem
 :meth:`~dynsearch.recipes.schema.Recipe.dumps`, so every published file is in one canonical form
 (fixed key order, tensors in model order) whatever the input's layout. The file is written
 atomically; an existing file of the same name is replaced only when it holds the same recipe or
-with ``force``. Then the index table in ``<root>/README.md`` (between the ``INDEX`` markers; text
+with ``force``, and never when it is the input itself. The destination and the index are checked
+to be writable (:func:`dynsearch.atomic.check_output`) before anything is written. Then the index table in ``<root>/README.md`` (between the ``INDEX`` markers; text
 outside them is kept) is regenerated from every published recipe.
 
 The collection's root is the ``recipes/`` folder of the repository, which is also the
@@ -17,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynsearch.atomic import atomic_write_text
+from dynsearch.atomic import atomic_write_text, check_not_input, check_output
 from dynsearch.errors import RecipeError
 from dynsearch.recipes import schema
 
@@ -58,6 +59,8 @@ def publish(recipe_path: str | Path, name: str | None = None, root: str | Path =
         raise RecipeError(f"{recipe_path}: recipe does not survive a write/read round trip")
     root = Path(root)
     dest = root / model_folder(recipe) / f"{recipe.name}.yaml"
+    for out in (dest, root / "README.md"):  # before anything is read or written
+        check_output(out)
     changed = True
     if dest.exists():
         try:
@@ -70,6 +73,7 @@ def publish(recipe_path: str | Path, name: str | None = None, root: str | Path =
             raise RecipeError(f"{dest} already holds a different recipe named {recipe.name!r} "
                               f"(use --force to replace it, or --name to publish under another name)")
     if changed or dest.read_text(encoding="utf-8") != text:
+        check_not_input(dest, (recipe_path,))  # publishing a file in place: not rewritten
         atomic_write_text(dest, text)
     write_index(root)
     return Published(dest, changed)

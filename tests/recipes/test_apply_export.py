@@ -14,7 +14,7 @@ import pytest
 from gguf import GGUFValueType as VT
 
 from dynsearch.cli import main
-from dynsearch.errors import ModelError, RecipeError
+from dynsearch.errors import ModelError, OutputError, RecipeError
 from dynsearch.kernels import effective_type, quantize
 from dynsearch.objectives.io.gguf_write import write_model
 from dynsearch.objectives.io.imatrix import ImatrixData, ImatrixEntry, write_imatrix
@@ -228,8 +228,10 @@ def test_apply_errors_name_the_problem(tiny, imatrix, tmp_path):
     (tmp_path / "junk.dat").write_bytes(b"\x00\x00\x00\x00")
     with pytest.raises(RecipeError, match="not a readable imatrix"):
         ImatrixFile.read(tmp_path / "junk.dat")
-    with pytest.raises(RecipeError, match="overwrite the source"):
+    with pytest.raises(OutputError, match="the output would overwrite the input"):
         apply_recipe(r, tiny, tiny)
+    with pytest.raises(OutputError, match="the output would overwrite the input"):  # the imatrix
+        apply_recipe(r, tiny, tmp_path / "junk.dat", importance=ImatrixFile(str(tmp_path / "junk.dat"), None))
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
@@ -237,7 +239,8 @@ def test_interrupted_apply_leaves_no_file(tiny, tmp_path):
     t = _tiny_tensors()
     t["blk.1.ffn_up.weight"][3, 5] = np.nan  # fails late, after earlier tensors were written
     kv = {"llama.embedding_length": (D, VT.UINT32), "llama.block_count": (N_LAYER, VT.UINT32),
-          "llama.attention.head_count": (4, VT.UINT32), "llama.attention.layer_norm_rms_epsilon": (1e-5, VT.FLOAT32)}
+          "llama.attention.head_count": (4, VT.UINT32), "llama.attention.head_count_kv": (2, VT.UINT32),
+          "llama.attention.layer_norm_rms_epsilon": (1e-5, VT.FLOAT32)}
     bad = write_model(tmp_path / "nan.gguf", "llama", None, kv, t)
     out = tmp_path / "o.gguf"
     out.write_bytes(b"previous")

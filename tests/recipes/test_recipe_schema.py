@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dynsearch import atomic
-from dynsearch.errors import RecipeError
+from dynsearch.errors import OutputError, RecipeError
 from dynsearch.recipes import schema
 from dynsearch.recipes.schema import ModelInfo, Recipe
 
@@ -118,7 +118,7 @@ def test_save_is_atomic_and_keeps_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(atomic.os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="r.yaml: cannot write: disk full"):
         schema.save(make_recipe(name="other"), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no temp file left
