@@ -103,7 +103,7 @@ def test_cli(tmp_path, capsys):
 
 def test_published_recipes_ship_as_package_data():
     """Every recipe under recipes/<model>/ matches the package-data globs, and each is valid."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     conf = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
     globs = conf["package-data"]["dynsearch.recipes"]
     assert conf["package-dir"]["dynsearch.recipes"] == "recipes"
@@ -112,3 +112,14 @@ def test_published_recipes_ship_as_package_data():
         assert any(rel.match(g) or Path("x", rel).match(g) for g in globs), rel
         schema.load(p)
     assert "*.md" in globs
+
+
+@pytest.mark.parametrize("name", ["x\n", "..", "."])
+def test_names_that_are_no_file_name_are_one_line(tmp_path, capsys, name):
+    """issue 14 item 9: ``--name $'x\\n'`` wrote ``x\\n.yaml`` and split the index row; ``--name ..``
+    wrote ``...yaml``."""
+    root = tmp_path / "recipes"
+    assert main(["publish", str(_messy(tmp_path, _recipe())), "--root", str(root), "--name", name]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dynsearch: error:") and err.count("\n") == 1 and "may hold only" in err
+    assert not root.exists()

@@ -4,6 +4,7 @@ line; PyYAML's own exceptions (unhashable keys, impossible dates, broken tags) n
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -66,3 +67,52 @@ def test_random_mutations_load_or_fail_cleanly():
             rejected += 1
     print(f"recipe mutations: 2000, {loaded} loaded, {rejected} rejected")
     assert rejected > 500 and loaded > 100
+
+
+# ------------------------------------------------------------------- sizes and names (issue 14)
+
+
+def test_an_endless_file_is_read_only_up_to_the_limit():
+    """``apply /dev/zero ...`` read until MemoryError at 2 GB."""
+    with pytest.raises(RecipeError, match=r"^/dev/zero: recipe is larger than 4 MB$"):
+        schema.load("/dev/zero")
+
+
+def test_a_folder_is_not_a_recipe(tmp_path):
+    with pytest.raises(RecipeError, match="is a folder, not a recipe file"):
+        schema.load(tmp_path)
+
+
+@pytest.mark.parametrize("body", [
+    "[" + ",".join(["0"] * 1_000_000) + "]",  # 2 MB of one flow list: 36 s and 845 MB before
+    "\n".join(f"  k{i}: {i}" for i in range(150_000)),  # a block mapping of 150,000 entries
+])
+def test_too_many_values_are_refused_before_building(body):
+    text = RECIPE.dumps().replace("search:\n", "search:\n  big: " + body + "\n" if body[0] == "[" else
+                                  "search:\n  big:\n" + body + "\n", 1)
+    assert len(text) < schema.MAX_BYTES
+    t0 = time.process_time()
+    with pytest.raises(RecipeError, match="more than 100,000 values"):
+        schema.loads(text)
+    assert time.process_time() - t0 < 5  # the check stops at the limit: well under a second here
+
+
+def test_a_recipe_of_many_tensors_still_loads():
+    """Far past any model (40,000 tensors: a 2,000-layer MoE) is well inside the limits."""
+    tensors = {f"blk.{i // 20}.t{i % 20}.weight": "Q4_K" for i in range(40_000)}
+    r = Recipe(name="big", model=ModelInfo("M", "llama"), tensors=tensors)
+    assert schema.loads(r.dumps()) == r
+
+
+@pytest.mark.parametrize("name", ["x\n", "x\r", "..", ".", "...", "a/b", "", " x", "x\n\n"])
+def test_names_that_are_no_file_name_are_refused(name):
+    """``publish --name $'x\\n'`` wrote ``x\\n.yaml`` (``$`` matches before a final newline);
+    ``--name ..`` wrote ``...yaml``."""
+    with pytest.raises(RecipeError, match="name: .* may hold only letters, digits") as e:
+        schema.from_dict({**RECIPE.to_dict(), "name": name})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["a", ".a", "a.", "v1.2-100MB", "x_y", "..a"])
+def test_names_with_dots_and_letters_are_accepted(name):
+    assert schema.from_dict({**RECIPE.to_dict(), "name": name}).name == name
