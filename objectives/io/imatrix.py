@@ -147,7 +147,7 @@ def _read_gguf(path: Path) -> ImatrixData:
         p = parts[name]
         if len(p) != 2:
             raise ImatrixFormatError(f"{path}: mismatched sums and counts for {name}")
-        counts = np.round(p[SUFFIX_COUNTS].reshape(-1)).astype(np.int64)  # std::lround in the loader
+        counts = _token_counts(path, name, p[SUFFIX_COUNTS].reshape(-1))
         if p[SUFFIX_SUM2].size % counts.size:
             raise ImatrixFormatError(f"{path}: {name} has {p[SUFFIX_SUM2].size} sums for {counts.size} counts")
         entries[name] = ImatrixEntry(p[SUFFIX_SUM2].reshape(counts.size, -1), counts)
@@ -163,44 +163,62 @@ def _read_gguf(path: Path) -> ImatrixData:
                        integer(KEY_CHUNK_COUNT), integer(KEY_CHUNK_SIZE))
 
 
+MAX_COUNT = 2**53  # tokens summed into one entry; above it a float count is no whole number
+
+
+def _token_counts(path: Path, name: str, counts: np.ndarray) -> np.ndarray:
+    """The counts of an entry as whole numbers (``std::lround`` in llama.cpp's loader); a count
+    that is not a number of tokens (NaN, infinite, negative, above MAX_COUNT) is refused, where
+    llama-quantize would silently take all-ones importance or divide by it."""
+    bad = ~((counts >= 0) & (counts <= MAX_COUNT))  # NaN compares False
+    if bad.any():
+        raise ImatrixFormatError(f"{path}: entry {name} has a token count of {float(counts[bad][0]):g}, "
+                                 f"not a whole number from 0 to 2**53")
+    return np.round(counts).astype(np.int64)
+
+
 def _read_legacy(path: Path) -> ImatrixData:
-    buf = path.read_bytes()
-    pos = 0
+    """Read entry by entry; every declared size is checked against the bytes the file has left
+    before it is read, so a file declaring more than it holds costs nothing."""
+    with open(path, "rb") as fh:
+        left = os.fstat(fh.fileno()).st_size
 
-    def take(fmt: str):
-        nonlocal pos
-        size = struct.calcsize(fmt)
-        if pos + size > len(buf):
-            raise ImatrixFormatError(f"{path}: truncated legacy imatrix at byte {pos}")
-        vals = struct.unpack_from(fmt, buf, pos)
-        pos += size
-        return vals
+        def take(n: int, what: str) -> bytes:
+            nonlocal left
+            if n > left:
+                raise ImatrixFormatError(f"{path}: truncated legacy imatrix: {what} needs {n} bytes, "
+                                         f"{left} left")
+            left -= n
+            return fh.read(n)
 
-    (n_entries,) = take("<i")
-    if n_entries < 1:
-        raise ImatrixFormatError(f"{path}: not an imatrix (neither GGUF nor a legacy file with entries)")
-    entries = {}
-    for _ in range(n_entries):
-        (length,) = take("<i")
-        if length < 0:
-            raise ImatrixFormatError(f"{path}: entry name of length {length} at byte {pos - 4}")
-        name = take(f"<{length}s")[0].decode("utf-8", "replace")
-        ncall, nval = take("<ii")
-        if nval < 1:
-            raise ImatrixFormatError(f"{path}: entry {name!r} has {nval} values")
-        if pos + 4 * nval > len(buf):
-            raise ImatrixFormatError(f"{path}: truncated legacy imatrix in {name!r}")
-        sums = np.frombuffer(buf, "<f4", nval, pos).astype(np.float32)
-        pos += 4 * nval
-        # quantize.cpp divides by ncall, or takes the values as they are when ncall <= 0
-        entries[name] = ImatrixEntry(sums, [ncall if ncall > 0 else 1])
-    chunk_count, datasets = 0, []
-    if pos + 4 <= len(buf):  # optional trailer: chunk count and dataset name
-        (chunk_count,) = take("<i")
-        if pos + 4 <= len(buf):
-            (length,) = take("<i")
-            if length > 0 and pos + length <= len(buf):
-                datasets.append(take(f"<{length}s")[0].decode("utf-8", "replace"))
+        def int32(what: str) -> int:
+            return struct.unpack("<i", take(4, what))[0]
+
+        n_entries = int32("the entry count")
+        if n_entries < 1:
+            raise ImatrixFormatError(f"{path}: not an imatrix (neither GGUF nor a legacy file with entries)")
+        if n_entries > left // 16:  # an entry takes at least 16 bytes: length, ncall, nval, 1 value
+            raise ImatrixFormatError(f"{path}: declares {n_entries} entries, the file holds at most "
+                                     f"{left // 16}")
+        entries = {}
+        for i in range(n_entries):
+            length = int32(f"entry {i}'s name length")
+            if length < 0:
+                raise ImatrixFormatError(f"{path}: entry {i} has a name of length {length}")
+            name = take(length, f"entry {i}'s name").decode("utf-8", "replace")
+            ncall, nval = int32(f"entry {name!r}"), int32(f"entry {name!r}")
+            if nval < 1:
+                raise ImatrixFormatError(f"{path}: entry {name!r} has {nval} values")
+            sums = np.frombuffer(take(4 * nval, f"entry {name!r}'s {nval} values"), "<f4").astype(np.float32)
+            # quantize.cpp divides by ncall, or takes the values as they are when ncall <= 0
+            entries[name] = ImatrixEntry(sums, [ncall if ncall > 0 else 1])
+        chunk_count, datasets = 0, []
+        if left >= 4:  # optional trailer: chunk count and dataset name
+            chunk_count = int32("the chunk count")
+            if left >= 4:
+                length = int32("the dataset name length")
+                if 0 < length <= left:
+                    datasets.append(take(length, "the dataset name").decode("utf-8", "replace"))
     return ImatrixData(dict(sorted(entries.items())), datasets, chunk_count, 0)
 
 
