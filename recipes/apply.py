@@ -88,12 +88,6 @@ def open_source(model_path: str | Path):
     return GGUFSource(p)
 
 
-def check_recipe_file(recipe: Recipe, model_path: str | Path) -> None:
-    """Raise RecipeError (naming both) unless the recipe covers exactly the model's tensors."""
-    src = open_source(model_path)
-    _check_fits(recipe, src)
-
-
 def _check_fits(recipe: Recipe, src) -> None:
     arch = src.config.arch
     if recipe.model.architecture != arch:

@@ -40,6 +40,7 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import event
 
 from dynsearch.errors import StorageError
 
@@ -316,8 +317,6 @@ def _serialize_sqlite(engine) -> None:
     only at the first write, so two workers can both read a queued trial as WAITING and both take
     it, or both fail one stale trial and queue two retries; Optuna's ``SELECT ... FOR UPDATE``
     guards that on PostgreSQL but is a no-op on SQLite. (SQLAlchemy's documented pysqlite recipe.)"""
-    from sqlalchemy import event
-
     @event.listens_for(engine, "connect")
     def _no_implicit_begin(dbapi_connection, _record):
         dbapi_connection.isolation_level = None
@@ -448,7 +447,3 @@ def sweep_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-
-
-def retried_from(trial: FrozenTrial) -> int | None:
-    return trial.system_attrs.get("failed_trial")
