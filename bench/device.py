@@ -1,6 +1,6 @@
 """GPU vs CPU: the steps of a search timed on both devices, with their results compared.
 
-    python -m dynsearch.bench.device [--model M.gguf] [--seqs 8] [--ctx 512]
+    python -m dynsearch.bench device [--model M.gguf] [--seqs 8] [--ctx 512]
 
 Without ``--model`` a random-weight model shaped like SmolLM2-135M is written to a temporary
 folder (the demo file need not be present). For each device: the forward pass (hidden states and
@@ -19,6 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dynsearch.bench.synthetic import SMOLLM2_135M, write_synthetic_model
+from dynsearch.objectives.evaluate import KLEvaluator, QuantCache, QuantizedWeights
+from dynsearch.objectives.forward import BlockwiseForward
+from dynsearch.objectives.io.gguf_source import GGUFSource
+from dynsearch.objectives.stats.collect import collect_statistics
+
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -34,11 +40,6 @@ def _timed(device: str, fn):
 
 
 def run_device(path: Path, device: str, tokens: np.ndarray, batch: int) -> dict:
-    from dynsearch.objectives.forward import BlockwiseForward
-    from dynsearch.objectives.io.gguf_source import GGUFSource
-    from dynsearch.objectives.evaluate import KLEvaluator, QuantCache, QuantizedWeights
-    from dynsearch.search.run.pipeline import collect_statistics
-
     src = GGUFSource(path)
     fwd = BlockwiseForward(src, device=device, batch_size=batch)
     out: dict = {}
@@ -65,22 +66,20 @@ def run_device(path: Path, device: str, tokens: np.ndarray, batch: int) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from dynsearch.bench.synthetic import SMOLLM2_135M, write_synthetic_model
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", type=Path, help="F32/F16 GGUF (default: a random SmolLM2-135M-shaped model)")
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4, help="sequences per block call")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    a = ap.parse_args(argv)
+
+
+def main(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     with tempfile.TemporaryDirectory() as tmp:
         path = a.model or write_synthetic_model(Path(tmp) / "synthetic.gguf", SMOLLM2_135M)
-        from dynsearch.objectives.io.gguf_source import GGUFSource
         n_vocab = GGUFSource(path).config.n_vocab
         tokens = np.random.default_rng(0).integers(0, n_vocab, (a.seqs, a.ctx))
         res = {d: run_device(path, d, tokens, a.batch) for d in devices}
@@ -105,6 +104,3 @@ def main(argv: list[str] | None = None) -> int:
               f"Fisher mean rel diff {fis:.2e}; true KL {c['kl']:.6f} vs {g['kl']:.6f}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

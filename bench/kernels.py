@@ -1,6 +1,6 @@
 """Kernel throughput benchmark: ours (1 thread, all cores) vs ggml C (1 thread) vs gguf-py numpy.
 
-    python -m dynsearch.bench.kernels [--rows 256] [--cols 4096] [--types Q4_K,Q6_K] [--markdown]
+    python -m dynsearch.bench kernels [--rows 256] [--cols 4096] [--types Q4_K,Q6_K] [--markdown]
 
 Prints MB of float32 per second per type and the ratios ours(1 thread)/ggml and
 ours(1 thread)/gguf-py, all measured in the same run on the same rows. Not a test: machines are
@@ -17,9 +17,9 @@ import gguf
 import numba
 import numpy as np
 
-from dynsearch.kernels import dequantize, quantizable_types, quantize, type_info
 from dynsearch.bench import ggml_oracle
-from dynsearch.kernels.types import QT
+from dynsearch.kernels import dequantize, quantizable_types, quantize, type_info
+from dynsearch.kernels.types import QT, parse_qtype
 
 
 def _best_time(fn, repeat: int, min_time: float = 0.2) -> float:
@@ -113,17 +113,23 @@ def format_table(rows: list[Row], markdown: bool) -> str:
     return "\n".join([fmt.format(*HEADER)] + [fmt.format(*b) for b in body])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _type_list(text: str) -> list[QT]:
+    try:
+        return [parse_qtype(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, default=256, help="rows per measurement (default 256)")
     p.add_argument("--cols", type=int, default=4096, help="row width (default 4096)")
-    p.add_argument("--types", default="", help="comma-separated types (default: all quantizable)")
+    p.add_argument("--types", type=_type_list, default=[], help="comma-separated types (default: all quantizable)")
     p.add_argument("--repeat", type=int, default=3, help="repetitions; the best is kept")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    args = p.parse_args(argv)
 
-    types = ([QT[t.strip().upper()] for t in args.types.split(",") if t.strip()]
-             or [t for t in quantizable_types() if t != QT.F32])
+
+def main(args: argparse.Namespace) -> int:
+    types = args.types or [t for t in quantizable_types() if t != QT.F32]
     rng = np.random.default_rng(0)
     x = (rng.standard_t(4.0, (args.rows, args.cols)) * 0.02).astype(np.float32)
     qw = rng.lognormal(0.0, 1.5, args.cols).astype(np.float32)
@@ -139,7 +145,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  measured {qt.name}", flush=True)
     print(format_table(rows, args.markdown))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,7 +8,7 @@ the repository::
 
 The build runs in a temporary folder that is renamed to ``bin/`` only when every tool exists, so an
 interrupted build is never taken for a finished one; a lock file keeps two processes from building
-at once. ``python -m dynsearch.bench.llamacpp build`` prebuilds.
+at once. ``python -m dynsearch.bench llamacpp build`` prebuilds.
 
 Also here: :func:`parse_kl_printout`, the parser of ``llama-perplexity --kl-divergence``'s output,
 and :func:`read_kld_base`, the reader of its ``--kl-divergence-base`` log-probability file.
@@ -35,13 +35,13 @@ from typing import Iterator
 
 import numpy as np
 
+from dynsearch.errors import LlamaCppBuildError
 from dynsearch.system import cache_root
 
 log = logging.getLogger(__name__)
 
 TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix")
 SDIST_NAME = "llama-cpp-python"
-from dynsearch.errors import LlamaCppBuildError
 
 
 # --------------------------------------------------------------------------------------------- paths
@@ -320,28 +320,19 @@ def read_kld_base(path: str | Path) -> KLDBaseFile:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dynsearch.bench.llamacpp",
-                                 description="Build / locate llama.cpp's command-line tools.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build the tools into the cache (no-op when present)")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    sub = ap.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="build the tools into the cache (no-op when present; -v shows the steps)")
     b.add_argument("-j", "--jobs", type=int, default=2)
     b.add_argument("--force", action="store_true", help="rebuild even when present")
     b.add_argument("--portable", action="store_true", help="GGML_NATIVE=OFF (AVX2) instead of this CPU")
     sub.add_parser("where", help="print the tools' paths (no build)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        if args.cmd == "build":
-            print(build(jobs=args.jobs, force=args.force, native=not args.portable))
-        else:
-            for t in TOOLS:
-                print(f"{t}: {find_tool(t) or 'not built'}")
-    except LlamaCppBuildError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.action == "build":
+        print(build(jobs=args.jobs, force=args.force, native=not args.portable))
+    else:
+        for t in TOOLS:
+            print(f"{t}: {find_tool(t) or 'not built'}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

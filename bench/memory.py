@@ -1,7 +1,7 @@
 """Peak memory of a full ``dynsearch run``, and a model three times larger than the memory cap.
 
-    python -m dynsearch.bench.memory                 # both parts
-    python -m dynsearch.bench.memory --no-demo --cap 1.4GB --ratio 3 --ff 2048
+    python -m dynsearch.bench memory                 # both parts
+    python -m dynsearch.bench memory --no-demo --cap 1.4GB --ratio 3 --ff 2048
 
 (a) the demo model: ``dynsearch run smollm2-135m`` in a child process; prints the peak resident
 memory of the child and all of its descendants (sampled every 0.1 s, plus the kernel's
@@ -22,7 +22,7 @@ and read back -- in a child process held to ``--cap``. The cap is, in order of p
   fails a run that uses a fraction of the limit.
 
 Prints which mechanism held the cap, the model's size, the peak RSS (and the cgroup's own peak,
-which includes page cache) and whether the run completed.
+which includes page cache) and whether the run completed. Needs psutil (the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -34,19 +34,31 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
+
+from dynsearch.bench.synthetic import Shape, write_synthetic_model
+from dynsearch.errors import BenchError
+from dynsearch.objectives.io.gguf_source import GGUFSource
+from dynsearch.objectives.io.resolve import DEMO_ALIAS, resolve_model
 from dynsearch.search.budget import parse_budget
 
-import threading
 
-import psutil
+def _psutil():
+    try:
+        import psutil
+    except ImportError:
+        raise BenchError("the memory benchmark needs psutil: pip install 'dynsearch[bench]'") from None
+    return psutil
 
 
 def tree_rss(pid: int | None = None) -> int:
     """Resident bytes of process ``pid`` (default: this one) plus all of its descendants."""
+    psutil = _psutil()
     try:
         p = psutil.Process(pid or os.getpid())
         procs = [p, *p.children(recursive=True)]
@@ -234,15 +246,11 @@ def run_measured(cmd: list[str], cap: int | None = None, env: dict | None = None
 
 
 def demo_path() -> Path:
-    from dynsearch.objectives.io.resolve import resolve_model
-
-    return resolve_model("smollm2-135m")
+    return resolve_model(DEMO_ALIAS)
 
 
 def synthetic_shape(target_bytes: int, n_embd: int, n_ff: int, n_vocab: int):
     """A llama :class:`Shape` of width ``n_embd`` whose F32 file is about ``target_bytes``."""
-    from dynsearch.bench.synthetic import Shape
-
     head_dim = 64
     one = Shape(1, n_embd, n_ff, n_embd // head_dim, max(1, n_embd // head_dim // 4), n_vocab)
     two = Shape(2, one.n_embd, one.n_ff, one.n_head, one.n_head_kv, n_vocab)
@@ -262,8 +270,6 @@ def run_command(model: Path, out: Path, budget: str, types: str, trials: int, to
 
 def check_gguf(run_dir: Path) -> tuple[Path, int]:
     """The GGUF the run wrote, read back with gguf-py: (path, tensor count)."""
-    import gguf
-
     files = [p for p in run_dir.rglob("*.gguf") if p.name != "imatrix.gguf"]
     if len(files) != 1:
         raise RuntimeError(f"expected one GGUF under {run_dir}, found {[p.name for p in files]}")
@@ -275,11 +281,7 @@ def capped_run(cap: int, ratio: float, workdir: Path, n_embd: int = 768, n_ff: i
                mechanism: str = "auto", log=print) -> tuple[RunMeasure, int, int, tuple[Path, int] | None]:
     """Write a synthetic model ``ratio`` x ``cap`` bytes and run the pipeline on it under ``cap``.
     Returns (measure, model bytes, layers, (GGUF, tensor count) or None)."""
-    from dynsearch.bench.synthetic import write_synthetic_model
-
     demo = demo_path()
-    from dynsearch.objectives.io.gguf_source import GGUFSource
-
     shape = synthetic_shape(int(ratio * cap), n_embd, n_ff, GGUFSource(demo).config.n_vocab)
     model = workdir / f"synthetic-{shape.n_layer}x{n_embd}.gguf"
     if not model.exists():
@@ -298,8 +300,7 @@ def _gb(x: int | None) -> str:
     return "-" if x is None else f"{x / GB:.2f} GB"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-demo", action="store_true", help="skip (a), the demo model")
     ap.add_argument("--no-capped", action="store_true", help="skip (b), the model larger than the cap")
     ap.add_argument("--demo-args", default="--budget 100MB --trials 2 --types Q4_0,Q5_0,Q8_0",
@@ -314,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=512, help="calibration/search/held-out tokens of (b)")
     ap.add_argument("--mechanism", default="auto", choices=["auto", "cgroup", "rlimit-data", "rlimit-as"])
     ap.add_argument("--workdir", type=Path, help="keep the model and runs here (default: a temporary folder)")
-    a = ap.parse_args(argv)
+
+
+def main(a: argparse.Namespace) -> int:
+    _psutil()  # fail before a run, not in the sampling thread
     cap = int(parse_budget(a.cap).file_bytes)
     rc = 0
     with contextlib.ExitStack() as stack:
@@ -351,6 +355,3 @@ def main(argv: list[str] | None = None) -> int:
                 rc = 1
     return rc
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from matplotlib.figure import Figure
+
 from dynsearch.atomic import atomic_write_text
+from dynsearch.search.run.plots import save_png
 
 # Kinds of entries, in the order the table and the plot's legend list them.
 KINDS = ("stock", "source", "uniform", "knapsack", "random", "dynsearch")
@@ -201,12 +204,8 @@ def read_json(path: Path) -> tuple[list[Entry], dict]:
 def plot_pareto(path: Path, entries: Sequence[Entry], title: str = "") -> Path:
     """PNG: file size (MB) against mean KLD (log scale), llama.cpp's measure filled, ours hollow;
     one colour per kind, each kind's points joined in size order (random draws: points only)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig = Figure(figsize=(8, 5.5))  # no pyplot: no global backend switch
+    ax = fig.subplots()
     colours = dict(zip(KINDS, ("tab:blue", "tab:gray", "tab:orange", "tab:purple", "tab:brown", "tab:green")))
     for kind in KINDS:
         group = sorted((e for e in entries if e.kind == kind), key=lambda e: e.file_bytes)
@@ -230,8 +229,4 @@ def plot_pareto(path: Path, entries: Sequence[Entry], title: str = "") -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from dynsearch.search.run.plots import save_png
-
-    save_png(fig, path)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

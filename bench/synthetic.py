@@ -27,6 +27,7 @@ import gguf
 import numpy as np
 
 from dynsearch.atomic import atomic_path
+from dynsearch.errors import BenchError
 from dynsearch.kernels import QT
 from dynsearch.objectives.io.gguf_header import GGUFHeader
 from dynsearch.objectives.io.gguf_write import TensorOut, copy_metadata, encode, write_tensors
@@ -183,8 +184,7 @@ def _moe_keys(shape: Shape) -> list[tuple[str, object, VT]]:
     return keys
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Write a random-weight llama GGUF of a given shape.")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--layers", type=int, default=SMOLLM2_135M.n_layer)
     ap.add_argument("--embd", type=int, default=SMOLLM2_135M.n_embd)
@@ -204,16 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer-from", type=Path, help="copy tokenizer.* keys from this GGUF")
     ap.add_argument("--dtype", default="F32", type=str.upper, choices=["F32", "F16", "BF16"],
                     help="type of the 2-D tensors (default: %(default)s)")
-    a = ap.parse_args(argv)
+
+
+def main(a: argparse.Namespace) -> int:
     try:
         shape = Shape(a.layers, a.embd, a.ff, a.heads, a.kv_heads, a.vocab, not a.untied, a.arch,
                       a.experts, a.experts_used, a.ff_exp, a.moe_step, tuple(a.dead_experts))
     except ValueError as e:
-        ap.error(str(e))
+        raise BenchError(f"synthetic model shape: {e}") from None
     path = write_synthetic_model(a.out, shape, a.seed, a.tokenizer_from, QT[a.dtype])
     print(f"{path}: {shape.n_params() / 1e6:.1f}M parameters, {path.stat().st_size / 1e6:.1f} MB")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

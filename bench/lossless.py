@@ -2,10 +2,10 @@
 of MODEL (the F32 copy of a quantized GGUF), the first ROWS rows quantized with the run's
 imatrix to each TYPE and back; prints how many come back bit-exact and the worst relative error.
 
-    python docs/results/lossless_check.py MODEL.gguf IMATRIX.gguf [--types Q5_1,Q8_0] [--rows 64]
-    python docs/results/lossless_check.py --share Q5_1 FILE.gguf ...   # share of weights in a type
+    python -m dynsearch.bench lossless MODEL.gguf IMATRIX.gguf [--types Q5_1,Q8_0] [--rows 64]
+    python -m dynsearch.bench lossless --share Q5_1 FILE.gguf ...   # share of weights in a type
 
-(the README's "Results": Q5_1 with the imatrix reproduces the demo's Q4_1 grid).
+(docs/results.md: Q5_1 with the imatrix reproduces the demo's Q4_1 grid).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 
 import numpy as np
 
+from dynsearch.errors import BenchError
 from dynsearch.kernels import dequantize, effective_type, quantize
 from dynsearch.objectives.io.gguf_header import GGUFHeader
 from dynsearch.objectives.io.gguf_source import GGUFSource
@@ -28,8 +29,7 @@ def share(qtype: str, paths: list[str]) -> None:
         print(f"{p}: {100 * part / total:.0f}% of the weights in {qtype}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("model", nargs="?")
     ap.add_argument("imatrix", nargs="?")
     ap.add_argument("--share", metavar="TYPE", help="print each file's share of weights in TYPE")
@@ -37,11 +37,14 @@ def main() -> None:
     ap.add_argument("--types", default="Q5_1,Q8_0")
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--no-imatrix", action="store_true")
-    args = ap.parse_args()
+
+
+def main(args: argparse.Namespace) -> int:
     if args.share:
-        return share(args.share, [f for f in (args.model, args.imatrix, *args.files) if f])
+        share(args.share, [f for f in (args.model, args.imatrix, *args.files) if f])
+        return 0
     if not (args.model and args.imatrix):
-        ap.error("give MODEL and IMATRIX (or --share TYPE FILE...)")
+        raise BenchError("give MODEL and IMATRIX (or --share TYPE FILE...)")
     src, imat = GGUFSource(args.model), ImatrixFile.read(args.imatrix)
     names = [n for n in src.names() if len(src.shape(n)) == 2 and n.endswith(".weight")
              and not n.startswith("token_embd")]
@@ -57,7 +60,4 @@ def main() -> None:
             worst = max(worst, (rel, n))
         print(f"{t}{'' if args.no_imatrix else ' with the imatrix'}: {exact} of {len(names)} matrices "
               f"exact on their first {args.rows} rows; worst relative error {worst[0]:.2e} ({worst[1]})")
-
-
-if __name__ == "__main__":
-    main()
+    return 0
