@@ -13,18 +13,28 @@ import numpy as np
 from dynsearch.kernels import QT, row_nbytes
 from dynsearch.kernels import dequantize as _kernels_dequantize
 
-from dynsearch.objectives.io.architectures import architecture, swa_layers_from_pattern
 from dynsearch.errors import ModelError
+from dynsearch.objectives.io.architectures import architecture, swa_layers_from_pattern
 from dynsearch.objectives.io.gguf_header import GGUFHeader
 from dynsearch.objectives.io.model import ModelConfig, missing_tensor
+from dynsearch.objectives.io.model_check import block_indices, check_block_count, check_model
 
 Dequantize = Callable[[np.ndarray, QT, int], np.ndarray]
+
+# The GGUF key (after "<arch>.") of each ModelConfig field that tensor shapes must agree with.
+KEYS = {"n_layer": "block_count", "n_embd": "embedding_length", "n_ff": "feed_forward_length",
+        "n_head": "attention.head_count", "n_head_kv": "attention.head_count_kv",
+        "head_dim": "attention.key_length", "head_dim_v": "attention.value_length",
+        "n_rot": "rope.dimension_count", "n_expert": "expert_count", "n_expert_used": "expert_used_count",
+        "n_ff_exp": "expert_feed_forward_length"}
 
 
 class GGUFSource:
     """A ``.gguf`` file as a :class:`~dynsearch.objectives.io.model.WeightSource`.
 
     ``dequantize`` decodes one tensor's blocks (default: :func:`dynsearch.kernels.dequantize`).
+    The configuration is checked against the tensors when the file is opened
+    (:func:`~dynsearch.objectives.io.model_check.check_model`).
     """
 
     def __init__(self, path: str | Path, dequantize: Dequantize | None = None):
@@ -32,6 +42,11 @@ class GGUFSource:
         self.header = GGUFHeader(self.path)
         self._dequantize = dequantize or _kernels_dequantize
         self.config = config_from_gguf(self.header, self.shape("token_embd.weight")[0])
+        tokens = self.header.get("tokenizer.ggml.tokens")
+        tensors = self.header.tensors
+        check_model(self.path.name, lambda f: f"GGUF metadata {self.config.arch}.{KEYS[f]}", self.config,
+                    {n: t.shape for n, t in tensors.items()}, {n: t.qtype for n, t in tensors.items()},
+                    len(tokens) if isinstance(tokens, list) else None)
 
     def metadata(self, key: str, default: Any = None) -> Any:
         """One metadata value (``general.name``, ``llama.block_count``, ...), or ``default``."""
@@ -150,6 +165,8 @@ def config_from_gguf(header: GGUFHeader, n_vocab: int) -> ModelConfig:
         return _number(key(k, default, required), what(k), float)
 
     n_layer = count("block_count", required=True, minimum=1)
+    # before anything is built per layer: a corrupt count must not allocate or loop for hours
+    check_block_count(header.path.name, f"GGUF metadata {arch}.block_count", n_layer, block_indices(header.tensors))
     n_embd = count("embedding_length", required=True, minimum=1)
     n_head = _per_layer(key("attention.head_count", required=True), n_layer, what("attention.head_count"), 1)
     n_head_kv = _per_layer(key("attention.head_count_kv", n_head), n_layer, what("attention.head_count_kv"), 1)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +25,15 @@ from safetensors import SafetensorError, safe_open
 
 from dynsearch.kernels import QT
 
+from dynsearch.errors import DynsearchError, ModelError
 from dynsearch.objectives.io.architectures import (
     ArchSpec,
     architecture_for_hf,
     swa_layers_from_pattern,
 )
-from dynsearch.errors import DynsearchError
-from dynsearch.errors import ModelError
 from dynsearch.objectives.io.hf_moe import ExpertIndex, ExpertStack, moe_fields, n_expert_of
 from dynsearch.objectives.io.model import ModelConfig, missing_tensor
+from dynsearch.objectives.io.model_check import block_indices, check_block_count, check_model
 
 _DTYPES = {"F32": QT.F32, "F16": QT.F16, "BF16": QT.BF16}
 # Prefixes of the text model inside multimodal checkpoints (Gemma3ForConditionalGeneration).
@@ -40,6 +41,12 @@ _PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "mod
              ("language_model.lm_head.", "lm_head."))
 _SKIP = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
          "vision_model.", "model.vision_model.")  # Gemma 3's and llama4's vision towers
+_HF_BLOCK = re.compile(r"(?:[\w.]*\.)?layers\.(\d+)\.")  # model.layers.3.self_attn.q_proj.weight
+# The config.json key of each ModelConfig field that tensor shapes must agree with.
+KEYS = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_ff": "intermediate_size",
+        "n_head": "num_attention_heads", "n_head_kv": "num_key_value_heads", "head_dim": "head_dim",
+        "head_dim_v": "head_dim", "n_rot": "partial_rotary_factor", "n_expert": "num_experts",
+        "n_expert_used": "num_experts_per_tok", "n_ff_exp": "moe_intermediate_size"}
 
 
 @dataclass(frozen=True)
@@ -59,25 +66,34 @@ class SafetensorsSource:
         cfg_file = self.path / "config.json"
         if not cfg_file.is_file():
             raise ModelError(f"{self.path}: no config.json")
-        hparams = _read_json(cfg_file)
+        hparams = read_json(cfg_file)
         with _config_errors(cfg_file):
             if "text_config" in hparams:  # multimodal: the text model's parameters win, as in the converter
                 hparams = {**hparams, **hparams["text_config"]}
             self.spec = architecture_for_hf(hparams.get("architectures") or [])
-            n_layer = int(hparams["num_hidden_layers"])
+            n_layer = count(hparams, "num_hidden_layers")
             experts = ExpertIndex(self.path, n_expert_of(self.spec, hparams), self.spec.name == "llama4")
         self.hparams = hparams
-        self._entries = self._index(gguf.get_tensor_name_map(_model_arch(self.spec.name), n_layer), experts)
+        files = self._files()
+        # before gguf-py's name map is built for n_layer blocks: a corrupt count must not hang
+        check_block_count(str(cfg_file), "num_hidden_layers", n_layer,
+                          block_indices((n for n in files if not n.startswith(_SKIP)), _HF_BLOCK))
+        self._entries = self._index(files, gguf.get_tensor_name_map(_model_arch(self.spec.name), n_layer), experts)
         if "token_embd.weight" not in self._entries:
             raise missing_tensor(self.path.name, "token_embd.weight")
         with _config_errors(cfg_file):
             self._rope_freqs = _llama3_rope_factors(hparams)
             self.config = config_from_hf(self.spec, hparams, self._entries["token_embd.weight"].shape[0])
+            vocab = hparams.get("vocab_size")
+            n_tokens = count(hparams, "vocab_size") if vocab is not None else None
+        names = self.names()
+        check_model(str(cfg_file), KEYS.__getitem__, self.config, {n: self.shape(n) for n in names},
+                    {n: self.qtype(n) for n in names}, n_tokens)
 
     def _files(self) -> dict[str, Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ModelError(f"{index}: no weight_map object")
             for name, f in weight_map.items():
@@ -93,10 +109,10 @@ class SafetensorsSource:
                 out.update({name: f for name in st.keys()})
         return out
 
-    def _index(self, tmap: gguf.TensorNameMap, experts: ExpertIndex) -> dict[str, _Entry]:
+    def _index(self, files: dict[str, Path], tmap: gguf.TensorNameMap, experts: ExpertIndex) -> dict[str, _Entry]:
         entries: dict[str, _Entry] = {}
         by_file: dict[Path, list[str]] = {}
-        for name, f in self._files().items():
+        for name, f in files.items():
             by_file.setdefault(f, []).append(name)
         for f, names in by_file.items():
             if not f.is_file():
@@ -181,10 +197,21 @@ def _open(f: Path):
         raise ModelError(f"{f}: cannot read ({e.strerror or e})") from None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+MAX_JSON_BYTES = 64 << 20  # config.json, an index of shards, tokenizer_config.json
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object of a checkpoint folder, read up to MAX_JSON_BYTES; anything else is one
+    ModelError line naming the file."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise ModelError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB, not a configuration file")
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ModelError(f"{path}: not readable JSON (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ModelError(f"{path}: not readable JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ModelError(f"{path}: expected a JSON object, got {type(data).__name__}")
@@ -257,10 +284,24 @@ def _llama3_rope_factors(hp: dict[str, Any]) -> np.ndarray | None:
     return np.asarray(out, dtype=np.float32)
 
 
+def count(hp: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A positive integer of config.json (``default`` when the key is absent or null); a KeyError
+    or ValueError naming the key otherwise (the caller adds the file)."""
+    if key not in hp and default is None:
+        raise KeyError(key)
+    v = hp.get(key)
+    if v is None and default is not None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{key} = {str(v)[:40]!r} is not a positive integer")
+    return v
+
+
 def config_from_hf(spec: ArchSpec, hp: dict[str, Any], n_vocab: int) -> ModelConfig:
     """ModelConfig from config.json, as convert_hf_to_gguf.py would write it to GGUF metadata."""
-    n_layer, n_embd, n_head = hp["num_hidden_layers"], hp["hidden_size"], hp["num_attention_heads"]
-    head_dim = hp.get("head_dim") or n_embd // n_head
+    n_layer, n_embd = count(hp, "num_hidden_layers"), count(hp, "hidden_size")
+    n_head = count(hp, "num_attention_heads")
+    head_dim = count(hp, "head_dim", n_embd // n_head)
     rp = _rope_parameters(hp)
     rope_type = str(rp.get("rope_type", "default")).lower()
     if rope_type not in ("default", "linear", "llama3"):
@@ -279,9 +320,9 @@ def config_from_hf(spec: ArchSpec, hp: dict[str, Any], n_vocab: int) -> ModelCon
         arch=spec.name,
         n_layer=n_layer,
         n_embd=n_embd,
-        n_ff=hp["intermediate_size"],
+        n_ff=count(hp, "intermediate_size"),
         n_head=n_head,
-        n_head_kv=hp.get("num_key_value_heads") or n_head,
+        n_head_kv=count(hp, "num_key_value_heads", n_head),
         head_dim=head_dim,
         head_dim_v=head_dim,
         n_vocab=n_vocab,

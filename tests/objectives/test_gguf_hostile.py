@@ -610,7 +610,8 @@ def test_model_metadata_of_any_type(tmp_path):
 
     rng = np.random.default_rng(0)
     tensors = {"token_embd.weight": rng.standard_normal((8, 32)).astype(np.float32),
-               "blk.0.attn_norm.weight": np.ones(32, np.float32)}
+               "blk.0.attn_norm.weight": np.ones(32, np.float32),
+               "blk.0.attn_q.weight": rng.standard_normal((32, 32)).astype(np.float32)}
     base = {"llama.block_count": (1, VT.UINT32), "llama.embedding_length": (32, VT.UINT32),
             "llama.attention.head_count": (4, VT.UINT32), "llama.attention.layer_norm_rms_epsilon": (1e-5, VT.FLOAT32)}
     GGUFSource(write_model(tmp_path / "ok.gguf", "llama", None, base, tensors))
