@@ -20,15 +20,30 @@ where llama.cpp's hand-written splitter keeps them single.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
+import math
+import re
+import signal
+import threading
+import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import tokenizers
+from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import decoders, models, pre_tokenizers
+
 from dynsearch.errors import DynsearchError, ModelError
+from dynsearch.objectives.io.gguf_header import GGUFHeader
+from dynsearch.objectives.io.hf_source import read_json
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +134,6 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
 
     The one place the GGUF is read for the tokenizer, through the validating header reader.
     """
-    from dynsearch.objectives.io.gguf_header import GGUFHeader
-
     header = GGUFHeader(path)
     return {key: f.value for key, f in header.fields.items() if key.startswith(("tokenizer.", "general."))}
 
@@ -148,14 +161,17 @@ class Vocab:
         if model is None or "tokenizer.ggml.tokens" not in meta:
             raise ValueError("GGUF has no tokenizer (tokenizer.ggml.model / tokens missing)")
         tokens = list(meta["tokenizer.ggml.tokens"])
+        for key in meta:  # every special token id llama.cpp reads (unknown, padding, eot, fim_*, ...)
+            if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
+                _token_id(meta, key, len(tokens))
         types = list(meta.get("tokenizer.ggml.token_type") or [TT_NORMAL] * len(tokens))
         return cls(
             model=model, tokens=tokens, token_types=[int(t) for t in types],
             merges=list(meta.get("tokenizer.ggml.merges") or []),
             scores=[float(s) for s in meta.get("tokenizer.ggml.scores") or []],
             pre=meta.get("tokenizer.ggml.pre"),
-            bos_id=_opt_int(meta.get("tokenizer.ggml.bos_token_id")),
-            eos_id=_opt_int(meta.get("tokenizer.ggml.eos_token_id")),
+            bos_id=_token_id(meta, "tokenizer.ggml.bos_token_id", len(tokens)),
+            eos_id=_token_id(meta, "tokenizer.ggml.eos_token_id", len(tokens)),
             add_bos=_opt_bool(meta.get("tokenizer.ggml.add_bos_token")),
             add_eos=_opt_bool(meta.get("tokenizer.ggml.add_eos_token")),
             add_space_prefix=_opt_bool(meta.get("tokenizer.ggml.add_space_prefix")),
@@ -163,8 +179,14 @@ class Vocab:
         )
 
 
-def _opt_int(v: Any) -> int | None:
-    return None if v is None else int(v)
+def _token_id(meta: dict[str, Any], key: str, n_tokens: int) -> int | None:
+    """A special token's id, which must name one of the ``n_tokens`` tokens (absent: None)."""
+    v = meta.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n_tokens:
+        raise ModelError(f"{key} = {str(v)[:40]} is not a token id (the vocabulary has {n_tokens} tokens)")
+    return v
 
 
 def _opt_bool(v: Any) -> bool | None:
@@ -217,15 +239,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _bpe_backend(vocab: Vocab, pre: PreTokenizer):
     """Byte-level BPE over the llama.cpp regex splits (no added tokens: those are split out before)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     merges = [tuple(m.split(" ", 1)) for m in vocab.merges]
     token_to_id = {t: i for i, t in enumerate(vocab.tokens)}
     bpe = models.BPE(vocab=token_to_id, merges=merges, ignore_merges=pre.ignore_merges)
-    tok = Tokenizer(bpe)
+    tok = tokenizers.Tokenizer(bpe)
     regexes = [r + "|\\s+" if r == _GPT2 else r for r in pre.regexes]  # llama.cpp's splitter ends on \s+
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+        [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated") for r in regexes]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     tok.decoder = decoders.ByteLevel()
@@ -234,8 +254,6 @@ def _bpe_backend(vocab: Vocab, pre: PreTokenizer):
 
 def _spm_backend(vocab: Vocab):
     """SentencePiece-style BPE: merges ranked by the score of the merged piece, bytes as <0xXX>."""
-    from tokenizers import Tokenizer, decoders, models
-
     token_to_id = {t: i for i, t in enumerate(vocab.tokens)}
     scores = vocab.scores or [0.0] * len(vocab.tokens)
     ranked = []
@@ -249,7 +267,7 @@ def _spm_backend(vocab: Vocab):
     merges = [(t[:k], t[k:]) for _, _, k, t in ranked]
     unk = next((t for t, i in token_to_id.items() if vocab.token_types[i] == TT_UNKNOWN), None)
     bpe = models.BPE(vocab=token_to_id, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True)
-    tok = Tokenizer(bpe)
+    tok = tokenizers.Tokenizer(bpe)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return tok
 
@@ -259,6 +277,8 @@ def _spm_backend(vocab: Vocab):
 
 class Tokenizer:
     """A llama.cpp-compatible tokenizer: ``encode``, ``decode``, ``apply_chat_template``."""
+
+    template_name = "chat template"  # where the chat template comes from, in its errors
 
     def __init__(self, vocab: Vocab):
         self.vocab = vocab
@@ -292,12 +312,14 @@ class Tokenizer:
     def from_gguf(cls, path: str | Path) -> "Tokenizer":
         meta = read_gguf_metadata(path)  # a malformed file is a GGUFError already
         try:
-            return cls(Vocab.from_metadata(meta))
-        except DynsearchError:
-            raise
+            tok = cls(Vocab.from_metadata(meta))
+        except DynsearchError as e:
+            raise ModelError(f"{path}: {e}") from None
         except Exception as e:  # noqa: BLE001 - odd metadata; the tokenizers library raises bare Exception
             raise ModelError(f"{path}: unusable tokenizer metadata ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        tok.template_name = f"{path}: tokenizer.chat_template"
+        return tok
 
     @classmethod
     def from_tokenizer_json(cls, path: str | Path) -> "HFTokenizer":
@@ -371,7 +393,8 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False, **kwargs) -> str:
         """Render ``messages`` with the model's chat template (see :func:`render_chat_template`)."""
         return render_chat_template(self.chat_template, messages, add_generation_prompt,
-                                    bos_token=self.token_text(self.bos_id), eos_token=self.token_text(self.eos_id), **kwargs)
+                                    bos_token=self.token_text(self.bos_id), eos_token=self.token_text(self.eos_id),
+                                    name=self.template_name, **kwargs)
 
     # -- identity
     @cached_property
@@ -393,15 +416,13 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, path: str | Path):  # noqa: D107 - overrides the GGUF constructor
-        from tokenizers import Tokenizer as HFTok
-
         p = Path(path)
         folder, file = (p, p / "tokenizer.json") if p.is_dir() else (p.parent, p)
         if not file.is_file():
             raise ValueError(f"no tokenizer.json at {file}")
-        self.backend = HFTok.from_file(str(file))
+        self.backend = tokenizers.Tokenizer.from_file(str(file))
         cfg_path = folder / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        cfg = read_json(cfg_path) if cfg_path.is_file() else {}
         vocab = self.backend.get_vocab(with_added_tokens=True)
         tokens = [""] * (max(vocab.values()) + 1)
         for t, i in vocab.items():
@@ -412,6 +433,7 @@ class HFTokenizer(Tokenizer):
             types[i] = TT_CONTROL if at.special else TT_USER_DEFINED
         bos, eos = _cfg_token(cfg.get("bos_token")), _cfg_token(cfg.get("eos_token"))
         template = cfg.get("chat_template")
+        self.template_name = f"{cfg_path}: chat_template"
         if isinstance(template, list):  # named templates: take "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         self.vocab = Vocab(model="hf", tokens=tokens, token_types=types, chat_template=template,
@@ -443,37 +465,144 @@ def _cfg_token(v: Any) -> str | None:
 
 # ------------------------------------------------------------------------------------- chat template
 
+TEMPLATE_OUTPUT_CHARS = 64 << 20  # a rendered chat, and any string, list or number a template builds
+TEMPLATE_SECONDS = 10.0  # wall time of one render
+
+
+class _TemplateLimit(Exception):
+    """A template went past TEMPLATE_OUTPUT_CHARS or TEMPLATE_SECONDS."""
+
 
 def render_chat_template(template: str | None, messages: Sequence[dict], add_generation_prompt: bool = False,
-                         bos_token: str = "", eos_token: str = "", **kwargs) -> str:
-    """Render a HF-style jinja2 chat template in a sandbox (templates are untrusted model metadata).
+                         bos_token: str = "", eos_token: str = "", name: str = "chat template", **kwargs) -> str:
+    """Render a HF-style jinja2 chat template in a sandbox (templates are untrusted model metadata):
+    jinja2's immutable sandbox, results of ``*``, ``**``, ``%`` and of every call bounded, the output
+    bounded by TEMPLATE_OUTPUT_CHARS and the render by TEMPLATE_SECONDS. Any failure is one
+    ModelError line naming the template (``name``).
 
     Without a template, messages are rendered as a plain transcript ("role: content" paragraphs).
     """
     if not template:
         text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
         return text + ("\n\nassistant:" if add_generation_prompt else "")
-    return _compile_template(template).render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt,
-        bos_token=bos_token, eos_token=eos_token, **kwargs)
+    try:
+        compiled = _compile_template(template)
+        parts, size, start = [], 0, time.monotonic()
+        with _deadline(TEMPLATE_SECONDS):
+            for chunk in compiled.generate(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                           bos_token=bos_token, eos_token=eos_token, **kwargs):
+                size += len(chunk)
+                if size > TEMPLATE_OUTPUT_CHARS:
+                    raise _TemplateLimit(f"output longer than {TEMPLATE_OUTPUT_CHARS} characters")
+                if time.monotonic() - start > TEMPLATE_SECONDS:
+                    raise _TemplateLimit(f"rendering took longer than {TEMPLATE_SECONDS:g} s")
+                parts.append(chunk)
+        return "".join(parts)
+    except (_TemplateLimit, TemplateError) as e:
+        raise ModelError(f"{name}: {_one_line(e)}") from None
+    except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, MemoryError,
+            RecursionError) as e:  # what a template's own expressions can raise
+        raise ModelError(f"{name}: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Raise _TemplateLimit in the block after ``seconds`` of this process's CPU time (a loop that
+    writes nothing is stopped too). A virtual timer, so an alarm of the caller's is left alone;
+    only the main thread receives signals, and a virtual timer already running is not replaced:
+    there, the checks between output chunks are the only limit."""
+    if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_VIRTUAL)[0]:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _TemplateLimit(f"rendering took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGVTALRM, expire)
+    signal.setitimer(signal.ITIMER_VIRTUAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.signal(signal.SIGVTALRM, previous)
+
+
+def _too_big(x: Any) -> bool:
+    """A value a template must not build or pass on: a long string or sequence, a huge number."""
+    if isinstance(x, (str, bytes, list, tuple, dict)):
+        return len(x) > TEMPLATE_OUTPUT_CHARS
+    if isinstance(x, int):
+        return x.bit_length() > 64 * 8  # beyond any width, count or index a chat template needs
+    if isinstance(x, float):
+        return abs(x) > TEMPLATE_OUTPUT_CHARS
+    return False
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, where an operator or call that would build something huge
+    (``'x' * 4000000000``, ``10 ** 10 ** 9``, ``'%9999999999d' % 1``, ``'x'.ljust(10 ** 10)``)
+    is refused before it runs."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*" and isinstance(right, int) and isinstance(left, (str, bytes, list, tuple)):
+            left, right = right, left
+        if operator == "*" and isinstance(left, int) and isinstance(right, (str, bytes, list, tuple)):
+            if left * len(right) > TEMPLATE_OUTPUT_CHARS:
+                raise SecurityError(f"a repetition of {left} x {len(right)} is too long")
+        elif operator == "**" and isinstance(left, (int, float)) and isinstance(right, (int, float)):
+            if abs(left) > 1 and right * max(1.0, math.log2(abs(left))) > 4096:
+                raise SecurityError(f"{left!r} ** {right!r} is too large")
+        elif operator == "%" and isinstance(left, str) and any(c.isdigit() for c in left):
+            if any(_too_big(int(w)) or int(w) > TEMPLATE_OUTPUT_CHARS for w in re.findall(r"\d+", left)):
+                raise SecurityError("a format width is too large")
+        result = super().call_binop(context, operator, left, right)
+        if _too_big(result):
+            raise SecurityError("a value built by the template is too large")
+        return result
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's own signature
+        for a in (*args, *kwargs.values()):
+            if _too_big(a) or (isinstance(a, (int, float)) and abs(a) > TEMPLATE_OUTPUT_CHARS):
+                raise SecurityError(f"an argument of {str(a)[:20]} is too large")
+        result = super().call(__context, __obj, *args, **kwargs)
+        if _too_big(result):
+            raise SecurityError("a value built by the template is too large")
+        return result
+
+
+def _bounded_filter(f):
+    """A jinja2 filter whose numeric arguments (widths, counts) are bounded like calls'."""
+    @functools.wraps(f)
+    def bounded(*args, **kwargs):
+        for a in (*args[1:], *kwargs.values()):
+            if isinstance(a, (int, float)) and not isinstance(a, bool) and abs(a) > TEMPLATE_OUTPUT_CHARS:
+                raise SecurityError(f"a filter argument of {str(a)[:20]} is too large")
+        result = f(*args, **kwargs)
+        if _too_big(result):
+            raise SecurityError("a value built by the template is too large")
+        return result
+    return bounded
 
 
 @lru_cache(maxsize=8)
 def _compile_template(template: str):
-    """The jinja2 template compiled in an immutable sandbox with HF's helpers."""
-    from datetime import datetime
-
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
+    """The jinja2 template compiled in the bounded sandbox with HF's helpers."""
     def raise_exception(message):
         raise TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
+    env.filters = {k: _bounded_filter(f) for k, f in env.filters.items()}
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf import GGUFValueType as VT
 
-from dynsearch.objectives.tokenizer import Tokenizer, render_chat_template, split_special
+from dynsearch.errors import ModelError
+from dynsearch.objectives.io.gguf_header import GGUFHeader
+from dynsearch.objectives.io.gguf_write import write_model
+from dynsearch.objectives.tokenizer import TEMPLATE_SECONDS, Tokenizer, render_chat_template, split_special
 
 
 CHAT = [
@@ -85,14 +92,75 @@ def test_chat_template_matches_llama_cpp_python(demo):
 
 
 def test_chat_template_sandbox_and_raise_exception():
-    with pytest.raises(Exception, match="roles must alternate"):
+    with pytest.raises(ModelError, match="^chat template: roles must alternate$"):
         render_chat_template("{{ raise_exception('roles must alternate') }}", CHAT)
-    from jinja2.exceptions import SecurityError
-
-    with pytest.raises(SecurityError):
+    with pytest.raises(ModelError, match="^chat template: access to attribute '__class__' of 'str' object is unsafe"):
         render_chat_template("{{ ''.__class__.__mro__[1].__subclasses__() }}", CHAT)
     assert render_chat_template("{{ bos_token }}{{ messages[0]['content'] }}", CHAT, bos_token="<s>") == "<s>You are terse."
     assert render_chat_template(None, CHAT[:2]).startswith("system: You are terse.")
+
+
+# issue 14 item 4: hostile templates (each ran out of memory or time, or surfaced a raw jinja2 error)
+HOSTILE_TEMPLATES = [
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{{ j }}{% endfor %}{% endfor %}",
+     r"output longer than|took longer than"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "took longer than"),
+    ("{{ 'x' * 4000000000 }}", "repetition of 4000000000 x 1 is too long"),
+    ("{{ 4000000000 * 'x' }}", "repetition of 4000000000 x 1 is too long"),
+    ("{{ [1] * 4000000000 }}", "repetition of 4000000000 x 1 is too long"),
+    ("{{ 10 ** 100000000 }}", r"10 \*\* 100000000 is too large"),
+    ("{{ '%999999999999d' % 1 }}", "format width is too large"),
+    ("{{ 'x'.ljust(4000000000) }}", "argument of 4000000000 is too large"),
+    ("{{ 'x'|center(4000000000) }}", "filter argument of 4000000000 is too large"),
+    ("{{ ('x' * 60000000) ~ ('x' * 60000000) }}", "output longer than"),
+    ("{% for x in messages %}{{ x.content", "unexpected end of template"),
+    ("{{ messages[0].__class__ }}", None),  # the sandbox hides it
+    ("{{ 1 / 0 }}", "ZeroDivisionError: division by zero"),
+    ("{{ messages[99] }}", None),  # an undefined prints as nothing, as in HF
+    ("{{ undefined_name.attr }}", "'undefined_name' is undefined"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError|maximum recursion"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("template,message", HOSTILE_TEMPLATES)
+def test_hostile_chat_templates_are_one_line(template, message):
+    """Each renders (bounded) or is one ModelError line naming the template, within the limits."""
+    t0 = time.process_time()  # the limit is on CPU time: the shared machine's load is not ours
+    try:
+        out = render_chat_template(template, CHAT, name="m.gguf: tokenizer.chat_template")
+    except ModelError as e:
+        assert message is not None and re.search(message, str(e)), str(e)
+        assert str(e).startswith("m.gguf: tokenizer.chat_template: ") and "\n" not in str(e)
+    else:
+        assert message is None and out == ""
+    assert time.process_time() - t0 < TEMPLATE_SECONDS + 5
+
+
+def test_hostile_template_in_a_model_names_the_file(demo, tmp_path):
+    """apply_chat_template of a GGUF's template: the error names the file and the key."""
+    path, _ = demo
+    header = GGUFHeader(path)
+    bad = write_model(tmp_path / "t.gguf", "llama", header, {"tokenizer.chat_template": ("{{ 'x' * 4000000000 }}", VT.STRING)},
+                      {"token_embd.weight": np.zeros((len(header.get("tokenizer.ggml.tokens")), 8), np.float32)},
+                      keep=lambda k: k.startswith("tokenizer.") and k != "tokenizer.chat_template")
+    with pytest.raises(ModelError, match=f"^{re.escape(str(bad))}: tokenizer.chat_template: a repetition"):
+        Tokenizer.from_gguf(bad).apply_chat_template(CHAT)
+
+
+@pytest.mark.parametrize("key,value", [("tokenizer.ggml.bos_token_id", 2**32 - 1), ("tokenizer.ggml.eos_token_id", 49152),
+                                       ("tokenizer.ggml.padding_token_id", -1), ("tokenizer.ggml.eot_token_id", "x")])
+def test_special_token_ids_outside_the_vocabulary(demo, tmp_path, key, value):
+    """issue 14 item 3: bos_token_id 2**32-1 was an IndexError; every special id is checked."""
+    path, _ = demo
+    header = GGUFHeader(path)
+    vt = VT.STRING if isinstance(value, str) else VT.INT64 if value < 0 else VT.UINT32
+    bad = write_model(tmp_path / "t.gguf", "llama", header, {key: (value, vt)},
+                      {"token_embd.weight": np.zeros((len(header.get("tokenizer.ggml.tokens")), 8), np.float32)},
+                      keep=lambda k: k.startswith("tokenizer.") and k != key)
+    with pytest.raises(ModelError) as e:
+        Tokenizer.from_gguf(bad)
+    assert str(e.value) == f"{bad}: {key} = {value} is not a token id (the vocabulary has 49152 tokens)"
 
 
 def test_split_special_longest_first():
