@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).parent / "data"
 SHIPPED = {"calibration": DATA_DIR / "calib.jsonl.gz", "evaluation": DATA_DIR / "eval.jsonl.gz"}
 CACHE_VERSION = 1  # bump when the way token arrays are built changes
+MAX_SOURCE_BYTES = 256 << 20  # text of one calibration / evaluation file (decompressed)
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,12 +72,7 @@ def read_documents(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise CalibrationError(f"calibration file not found: {p}")
-    raw = p.read_bytes()
-    if p.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise CalibrationError(f"{p}: not a valid gzip file ({e})") from None
+    raw = _read_bounded(p)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -88,23 +85,66 @@ def read_documents(path: str | Path) -> list[dict]:
     return docs
 
 
+def _read_bounded(p: Path) -> bytes:
+    """The file's bytes (a ``.gz`` file's decompressed), read up to MAX_SOURCE_BYTES: a larger
+    file, a device or a gzip bomb is a one-line error, never gigabytes of memory."""
+    gz = p.suffix == ".gz"
+    try:
+        size = p.stat().st_size
+        raw = b""
+        if gz or size <= MAX_SOURCE_BYTES:  # a larger plain file is refused unread
+            with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
+                raw = f.read(MAX_SOURCE_BYTES + 1)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise CalibrationError(f"{p}: not a valid gzip file ({e})") from None
+    except OSError as e:
+        raise CalibrationError(f"{p}: cannot read ({e.strerror or e})") from None
+    if len(raw) > MAX_SOURCE_BYTES or size > MAX_SOURCE_BYTES and not gz:
+        what = "decompressed, it holds" if gz else "it holds"
+        raise CalibrationError(f"{p}: {what} more than {MAX_SOURCE_BYTES >> 20} MiB of text, the limit "
+                               "for a calibration or evaluation source (a few MB make millions of tokens)")
+    return raw
+
+
+def _file_hash(p: Path) -> str:
+    """sha256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _parse_line(path: Path, lineno: int, line: str) -> dict:
     where = f"{path}:{lineno}"
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
         raise CalibrationError(f"{where}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise CalibrationError(f"{where}: not usable JSON (nested too deeply)") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise CalibrationError(f"{where}: not usable JSON ({str(e).splitlines()[0][:80]})") from None
     if isinstance(rec, dict) and isinstance(rec.get("text"), str) and "messages" not in rec:
         if not rec["text"].strip():
             raise CalibrationError(f"{where}: empty \"text\"")
-        return {"text": rec["text"]}
+        return {"text": _unicode(where, rec["text"])}
     msgs = rec.get("messages") if isinstance(rec, dict) else None
     if not isinstance(msgs, list) or not msgs:
         raise CalibrationError(f'{where}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}} or {{"text": ...}}')
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise CalibrationError(f"{where}: message {j} needs string \"role\" and \"content\"")
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
+    return {"messages": [{"role": _unicode(where, m["role"]), "content": _unicode(where, m["content"])} for m in msgs]}
+
+
+def _unicode(where: str, s: str) -> str:
+    """``s``, unless JSON's ``\\uXXXX`` escapes made it a lone surrogate (not text a tokenizer takes)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CalibrationError(f"{where}: a string holds a lone surrogate ({s[e.start]!r}), not text") from None
+    return s
 
 
 def render(record: dict, tokenizer) -> str:
@@ -147,8 +187,8 @@ def _load(kind: str, tokenizer, source, n_tokens: int, seq_len: int, seed: int, 
     if seq_len < 1 or n_tokens < seq_len:
         raise CalibrationError(f"need n_tokens >= seq_len >= 1, got n_tokens={n_tokens} seq_len={seq_len}")
     path = Path(source) if source is not None else SHIPPED[kind]
-    source_hash = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
-    docs = read_documents(path)  # also raises the one-line errors for missing / empty / malformed files
+    docs = read_documents(path)  # also raises the one-line errors for missing / large / malformed files
+    source_hash = _file_hash(path)
     order = np.random.default_rng(seed).permutation(len(docs))
     rendered = [render(docs[i], tokenizer) for i in order]
     plain = [("text" in docs[i]) for i in order]

@@ -6,12 +6,14 @@ import csv
 import gzip
 import io
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from dynsearch.objectives import calibration as C
-from dynsearch.objectives.calibration import CalibrationError, check_disjoint, load_calibration, load_evaluation
+from dynsearch.errors import CalibrationError
+from dynsearch.objectives.calibration import check_disjoint, load_calibration, load_evaluation
 from dynsearch.objectives.tokenizer import Tokenizer
 
 
@@ -150,6 +152,66 @@ def test_bad_gzip(tok, tmp_path):
     f.write_bytes(b"not gzip at all")
     with pytest.raises(CalibrationError, match="gzip"):
         load_calibration(tok, f, n_tokens=256, seq_len=64, cache_dir=tmp_path)
+
+
+# issue 14 items 7 and 8: unbounded reads and hostile JSONL (each was GBs of RSS or a traceback)
+HOSTILE_JSONL = [
+    (b'{"text": ' + b"[" * 200_000 + b"]" * 200_000 + b"}\n", r"bad\.jsonl:1: not usable JSON \(nested too deeply\)$"),
+    (b'{"text": "ok"}\n{"text": ' + b"9" * 5000 + b"}\n",
+     r"bad\.jsonl:2: not usable JSON \(Exceeds the limit \(4300 digits\) for integer string conversion"),
+    (b'{"text": "ok \\ud800 there"}\n', r"bad\.jsonl:1: a string holds a lone surrogate \('\\ud800'\), not text$"),
+    (b'{"messages": [{"role": "user", "content": "\\udfff"}]}\n', r"bad\.jsonl:1: a string holds a lone surrogate"),
+]
+
+
+@pytest.mark.parametrize("content,match", HOSTILE_JSONL, ids=["deep-nesting", "5000-digits", "lone-surrogate",
+                                                              "surrogate-in-message"])
+def test_hostile_jsonl_lines(tok, tmp_path, content, match):
+    f = tmp_path / "bad.jsonl"
+    f.write_bytes(content)
+    with pytest.raises(CalibrationError, match=match) as e:
+        load_calibration(tok, f, n_tokens=256, seq_len=64, cache_dir=tmp_path)
+    assert "\n" not in str(e.value) and str(e.value).startswith(str(f))
+
+
+def test_2gb_text_file_is_refused_unread(tok, tmp_path):
+    f = tmp_path / "big.txt"
+    with open(f, "wb") as out:  # sparse: 2 GB long, nothing on disk
+        out.truncate(2 << 30)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CalibrationError, match=r"big\.txt: it holds more than 256 MiB of text, the limit") as e:
+            load_calibration(tok, f, n_tokens=256, seq_len=64, cache_dir=tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(e.value) and peak < 16 << 20
+
+
+def test_gzip_bomb_is_refused_streaming(tok, tmp_path, monkeypatch):
+    """A gzip file that inflates past the limit is read only up to it (the limit lowered to 4 MiB
+    here, the bomb 256 MiB of zeros in 256 KB)."""
+    monkeypatch.setattr(C, "MAX_SOURCE_BYTES", 4 << 20)
+    f = tmp_path / "bomb.jsonl.gz"
+    zeros = bytes(1 << 20)
+    with gzip.open(f, "wb", compresslevel=1) as out:
+        for _ in range(256):
+            out.write(zeros)
+    assert f.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(CalibrationError, match=r"bomb\.jsonl\.gz: decompressed, it holds more than 4 MiB of text"):
+            load_calibration(tok, f, n_tokens=256, seq_len=64, cache_dir=tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20
+
+
+def test_device_is_refused(tok, tmp_path):
+    """/dev/zero as a calibration file: not a regular file, a one-line error (was a MemoryError)."""
+    with pytest.raises(CalibrationError, match="calibration file not found: /dev/zero"):
+        load_calibration(tok, "/dev/zero", n_tokens=256, seq_len=64, cache_dir=tmp_path)
 
 
 def test_shipped_sets_disjoint():
