@@ -15,6 +15,7 @@ rule), the answer is the best choice, and the flips are questions whose answer c
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,16 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from dynsearch.errors import ModelError
+from dynsearch.atomic import atomic_write_text
+from dynsearch.errors import CalibrationError, ModelError
 from dynsearch.kernels import tensor_nbytes
-from dynsearch.objectives.calibration import CalibrationError, load_evaluation, load_mc_items
+from dynsearch.objectives.calibration import load_evaluation, load_mc_items
+from dynsearch.objectives.forward import BlockwiseForward
+from dynsearch.objectives.io.gguf_source import GGUFSource
+from dynsearch.objectives.scoring import gather_logprobs
+from dynsearch.objectives.tokenizer import Tokenizer
 from dynsearch.objectives.kl import (
     FlipStats,
     KLAccumulator,
@@ -82,9 +89,6 @@ def check_same_model(ref, cand, tok_ref, tok_cand) -> None:
 
 
 def _open(path: Path):
-    from dynsearch.objectives.io.gguf_source import GGUFSource
-    from dynsearch.objectives.tokenizer import Tokenizer
-
     if not path.is_file():
         raise ModelError(f"{path}: no such file")
     return GGUFSource(path), Tokenizer.from_gguf(path)
@@ -140,8 +144,6 @@ class MCSet:
 
     def scores(self, forward) -> list[list[float]]:
         """Per question, each choice's mean log-likelihood per continuation token."""
-        from dynsearch.objectives.scoring import gather_logprobs
-
         pos = [list(range(s - 1, len(q) - 1)) for q, s in zip(self.sequences, self.starts)]
         ids = [[[t] for t in q[s:]] for q, s in zip(self.sequences, self.starts)]
         lp = gather_logprobs(forward, self.sequences, pos, ids)
@@ -181,10 +183,6 @@ def compare_files(candidates: Sequence[Path], ref: Path, tokens: np.ndarray | No
     otherwise ``n_tokens`` tokens of ``text`` (None: the shipped held-out set). Every candidate
     must be the same model as ``ref`` (tensor names and shapes, hyper-parameters, vocabulary).
     """
-    from tqdm.auto import tqdm
-
-    from dynsearch.objectives.forward import BlockwiseForward
-
     ref_src, ref_tok = _open(Path(ref))
     opened = [_open(Path(c)) for c in candidates]
     for src, tok in opened:  # every mismatch is reported before any costly work
@@ -261,10 +259,6 @@ def run_eval(candidates: Sequence[Path], ref: Path, *, text: Path | None = None,
              seq_len: int = 512, mc_items: int = 0, device: str = "cpu", json_out: Path | None = None,
              progress: bool = True) -> str:
     """``dynsearch eval``: compare, write the JSON (atomically) where asked, return the printout."""
-    import json
-
-    from dynsearch.atomic import atomic_write_text
-
     if not candidates:
         raise ModelError("eval: give a CANDIDATE.gguf, or --compare A.gguf B.gguf ...")
     if n_tokens < 2 * seq_len or seq_len < 4:

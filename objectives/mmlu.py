@@ -36,8 +36,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from dynsearch.errors import MMLUError
+from dynsearch.objectives.calibration import mmlu_dir
+from dynsearch.objectives.forward import BlockwiseForward
+from dynsearch.objectives.io.gguf_source import GGUFSource
+from dynsearch.objectives.scoring import gather_logprobs
+from dynsearch.objectives.tokenizer import Tokenizer
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = "The following are multiple choice questions (with answers) about {}.\n\n"
@@ -219,8 +225,6 @@ def evaluate(tokenizer, scorer: Scorer, root: str | Path, subjects: Sequence[str
              limit: int | None = None, k: int = 5, max_tokens: int = 2048,
              file_bytes: int | None = None, progress: bool = False) -> MMLUResult:
     """MMLU k-shot accuracy with ``scorer`` (see :data:`Scorer`, :func:`model_scorer`)."""
-    from tqdm.auto import tqdm
-
     known = list_subjects(root)
     chosen = list(subjects) if subjects else known
     for s in chosen:
@@ -243,8 +247,6 @@ def evaluate(tokenizer, scorer: Scorer, root: str | Path, subjects: Sequence[str
 def model_scorer(forward, batch_tokens: int = 8192) -> Scorer:
     """A :data:`Scorer` running ``forward`` (a BlockwiseForward) on right-padded buckets of at most
     ``batch_tokens`` tokens."""
-    from dynsearch.objectives.scoring import gather_logprobs
-
     def score(prompts: Sequence[Sequence[int]], ids: Sequence[int]) -> np.ndarray:
         out = gather_logprobs(forward, prompts, [[len(p) - 1] for p in prompts], [[list(ids)]] * len(prompts),
                               max_tokens=batch_tokens)
@@ -256,11 +258,6 @@ def model_scorer(forward, batch_tokens: int = 8192) -> Scorer:
 def run_file(model: str | Path, root: str | Path | None = None, subjects: Sequence[str] | None = None,
              limit: int | None = None, k: int = 5, device: str = "cpu", progress: bool = True) -> MMLUResult:
     """MMLU of a GGUF file with our forward pass (its weights dequantized by our kernels)."""
-    from dynsearch.objectives.calibration import mmlu_dir
-    from dynsearch.objectives.forward import BlockwiseForward
-    from dynsearch.objectives.io.gguf_source import GGUFSource
-    from dynsearch.objectives.tokenizer import Tokenizer
-
     path = Path(model)
     src = GGUFSource(path)
     scorer = model_scorer(BlockwiseForward(src, device=device))
