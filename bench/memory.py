@@ -93,6 +93,7 @@ class PeakRSS:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
+        _psutil()  # a missing psutil fails here, not in the sampling thread
         self._thread.start()
         return self
 
@@ -318,7 +319,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def main(a: argparse.Namespace) -> int:
-    _psutil()  # fail before a run, not in the sampling thread
+    _psutil()  # before the synthetic model is written
     cap = int(parse_budget(a.cap).file_bytes)
     rc = 0
     with contextlib.ExitStack() as stack:
