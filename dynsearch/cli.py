@@ -4,16 +4,37 @@ this file only maps arguments to those entry points."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from dynsearch import __version__
+from dynsearch.atomic import atomic_write_text, check_output
 from dynsearch.errors import DynsearchError
+from dynsearch.kernels import dequantizable_types, quantizable_types, type_info
+from dynsearch.objectives.compare import run_eval
+from dynsearch.objectives.mmlu import run_file
+from dynsearch.recipes import schema
+from dynsearch.recipes.apply import ImatrixFile, apply_recipe
+from dynsearch.recipes.export import export_llama_quantize
+from dynsearch.recipes.publish import publish
+from dynsearch.search.cluster import BACKENDS
+from dynsearch.search.run import proxy_check
+from dynsearch.search.run.config import DEFAULT_TYPES, RunConfig, default
+from dynsearch.search.run.cost import estimate, format_taken
+from dynsearch.search.run.pipeline import run
+from dynsearch.search.run.plots import make_plots
+from dynsearch.search.run.prepare import RunModel
+from dynsearch.search.run.report import print_summary
+from dynsearch.search.run.status import format_table, storage_status
+from dynsearch.search.run.storage import open_storage, redact
+from dynsearch.search.run.worker import RUN_ID_ENV, STORAGE_ENV, Local, join
+from dynsearch.search.space import EXPERT_GROUPINGS
+from dynsearch.search.study import SAMPLERS
 
 
 def _cmd_types(args: argparse.Namespace) -> int:
-    from dynsearch.kernels import dequantizable_types, quantizable_types, type_info
-
     writable = set(quantizable_types())
     print(f"{'type':8} {'block':>5} {'bytes':>5} {'bpw':>6}  {'fallback':8} {'quantize':8}")
     for qt in dequantizable_types():
@@ -24,52 +45,45 @@ def _cmd_types(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace):
-    """The RunConfig of ``run`` / ``proxy-check`` arguments (options a command lacks: defaults)."""
-    from dynsearch.search.budget import expand_budgets
-    from dynsearch.search.run.pipeline import DEFAULT_TYPES, RunConfig
-
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of ``run`` / ``proxy-check`` arguments, parsed and checked (options a command
+    lacks: RunConfig's defaults)."""
     types = tuple(t.strip() for t in args.types.split(",")) if args.types else DEFAULT_TYPES
     extra = {k: getattr(args, k) for k in ("trials", "timeout", "sampler", "storage", "study_name",
                                            "search_workers", "group_experts") if hasattr(args, k)}
-    budgets = tuple(dict.fromkeys(expand_budgets(args.budget)))  # ranges expanded, repeats once
-    return RunConfig(model=args.model, budgets=budgets, types=types, keep=tuple(args.keep),
-                     calib=args.calib, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
-                     search_tokens=args.search_tokens, fisher_tokens=args.fisher_tokens,
-                     seed=args.seed, workers=args.workers, out=args.out, device=args.device,
-                     write_gguf=not getattr(args, "no_gguf", False), cache=args.cache,
-                     joblib_backend=args.joblib_backend, dask_scheduler=args.dask_scheduler, **extra)
+    return RunConfig.parse(args.model, args.budget, types, args.keep,
+                           calib=args.calib, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
+                           search_tokens=args.search_tokens, fisher_tokens=args.fisher_tokens,
+                           seed=args.seed, workers=args.workers, out=args.out, device=args.device,
+                           write_gguf=not getattr(args, "no_gguf", False), cache=args.cache,
+                           joblib_backend=args.joblib_backend, dask_scheduler=args.dask_scheduler, **extra)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from dynsearch.search.run.pipeline import run
-    from dynsearch.search.run.report import print_summary
-
-    from dynsearch.search.run.cost import estimate_run, format_taken
-
     cfg = _run_config(args)
+    # a bad or unreachable --storage is an error before any work (--estimate creates nothing)
+    storage = open_storage(cfg.storage, create=not args.estimate) if cfg.storage else None
+    model = RunModel.open(cfg.model)
     est = None
     if args.estimate or not args.no_estimate:
-        est = estimate_run(cfg)
+        est = estimate(model.source, cfg)
         print(est.format(), flush=True)
         if args.estimate:
             return 0
-    result = run(cfg, progress=not args.quiet)
+    result = run(cfg, model, storage, progress=not args.quiet)
     print_summary(cfg, result)
     print(format_taken(result.seconds, est))
     return 0
 
 
 def _cmd_proxy_check(args: argparse.Namespace) -> int:
-    from dynsearch.search.run.proxy_check import main
-
-    return main(_run_config(args), n=args.n, min_spearman=args.min_spearman, progress=not args.quiet)
+    cfg = _run_config(args)
+    return proxy_check.main(cfg, RunModel.open(cfg.model), n=args.n, min_spearman=args.min_spearman,
+                            progress=not args.quiet)
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from dynsearch.recipes import schema
-    from dynsearch.recipes.apply import ImatrixFile, apply_recipe
-
+    check_output(args.output, (args.recipe, args.model, args.imatrix))
     recipe = schema.load(args.recipe)
     imatrix = ImatrixFile.read(args.imatrix) if args.imatrix else None
     path = apply_recipe(recipe, args.model, args.output, importance=imatrix, progress=not args.quiet)
@@ -79,10 +93,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dynsearch.atomic import atomic_write_text
-    from dynsearch.recipes import schema
-    from dynsearch.recipes.export import export_llama_quantize
-
+    if args.output:
+        check_output(args.output, (args.recipe, args.model, args.imatrix))
     recipe = schema.load(args.recipe)
     types_path = args.output or f"{recipe.name}.tensor-types.txt"
     ex = export_llama_quantize(recipe, types_path, model=args.model, output=args.gguf,
@@ -98,10 +110,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from dynsearch.objectives.compare import run_eval
-
     cands = [Path(c) for c in ([args.candidate] if args.candidate else []) + args.compare]
     print(run_eval(cands, Path(args.ref), text=Path(args.text) if args.text else None, n_tokens=args.tokens,
                    seq_len=args.seq_len, mc_items=args.mc, device=args.device,
@@ -110,11 +118,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_mmlu(args: argparse.Namespace) -> int:
-    import json
-
-    from dynsearch.atomic import atomic_write_text
-    from dynsearch.objectives.mmlu import run_file
-
     r = run_file(args.model, args.mmlu, args.subjects, args.limit, args.shots, args.device, not args.quiet)
     print(r.table())
     if args.json:
@@ -123,17 +126,12 @@ def _cmd_mmlu(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    from dynsearch.recipes.publish import publish
-
     r = publish(args.recipe, name=args.name, root=args.root, force=args.force)
     print(f"published {r.path}" if r.changed else f"{r.path}: already published, unchanged")
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from dynsearch.search.run.storage import redact
-    from dynsearch.search.run.worker import RUN_ID_ENV, STORAGE_ENV, Local, join
-
     url = args.storage or os.environ.get(STORAGE_ENV)
     if not url:
         raise DynsearchError(f"worker: give --storage URL (or set {STORAGE_ENV})")
@@ -147,16 +145,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from dynsearch.search.run.status import format_table, storage_status
-    from dynsearch.search.run.storage import open_storage
-
     print(format_table(storage_status(open_storage(args.storage), args.study_name)))
     return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from dynsearch.search.run.plots import make_plots
-
     for path in make_plots(args.study, args.output, storage=args.storage, study_name=args.study_name,
                            budget=args.budget):
         print(path)
@@ -175,24 +168,25 @@ def _model_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--keep", action="append", default=[], metavar="PATTERN=TYPE",
                    help="hold matching tensors at a type, e.g. 'token_embd=Q8_0' (repeatable)")
     s.add_argument("--calib", help="calibration file (.txt, or .jsonl of chat messages / text)")
-    s.add_argument("--calib-tokens", type=int, default=16_384)
-    s.add_argument("--fisher-tokens", type=int, default=4_096)
-    s.add_argument("--search-tokens", type=int, default=2_048)
-    s.add_argument("--eval-tokens", type=int, default=8_192)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=int, default=1,
-                   help="profiling threads (--joblib-backend threading) or processes (loky)")
-    s.add_argument("--out", default="runs", help="output folder (default: %(default)s)")
+    s.add_argument("--calib-tokens", type=int, default=default("calib_tokens"))
+    s.add_argument("--fisher-tokens", type=int, default=default("fisher_tokens"))
+    s.add_argument("--search-tokens", type=int, default=default("search_tokens"))
+    s.add_argument("--eval-tokens", type=int, default=default("eval_tokens"))
+    s.add_argument("--seed", type=int, default=default("seed"))
+    s.add_argument("--workers", type=int, default=default("workers"),
+                   help="profiling threads (--joblib-backend threading) or processes (loky) "
+                        "(default: every core this process may use)")
+    s.add_argument("--out", default=default("out"), help="output folder (default: %(default)s)")
     s.add_argument("--cache", help="statistics and profile cache folder, shared by workers on other "
                                    "machines when on a shared disk (default: OUT/cache)")
     _cluster_options(s)
-    s.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
+    s.add_argument("--device", default=default("device"), help="torch device: cpu, cuda, cuda:1")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _cluster_options(s: argparse.ArgumentParser) -> None:
     """Where profiling runs (run, proxy-check, worker)."""
-    s.add_argument("--joblib-backend", default="threading", choices=["threading", "loky", "dask"],
+    s.add_argument("--joblib-backend", default=default("joblib_backend"), choices=BACKENDS,
                    help="profile tensors in threads here, in loky processes here, or on a Dask "
                         "cluster (default: %(default)s)")
     s.add_argument("--dask-scheduler", metavar="ADDRESS",
@@ -208,16 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_types)
     s = sub.add_parser("run", help="search per-tensor types for a model under a disk budget")
     _model_options(s)
-    s.add_argument("--trials", type=int, default=24, help="Optuna trials per budget (all workers)")
+    s.add_argument("--trials", type=int, default=default("trials"), help="Optuna trials per budget (all workers)")
     s.add_argument("--timeout", type=float, help="seconds of search per budget for this process")
-    s.add_argument("--sampler", default="tpe", choices=["tpe", "cmaes", "gp", "random"])
-    s.add_argument("--group-experts", default="kind", choices=["kind", "layer", "none"],
+    s.add_argument("--sampler", default=default("sampler"), choices=SAMPLERS)
+    s.add_argument("--group-experts", default=default("group_experts"), choices=EXPERT_GROUPINGS,
                    help="MoE expert stacks (ffn_*_exps) sharing one search variable: all layers' "
                         "stacks of a kind, a layer's three stacks, or none (per kind and layer band "
                         "like other tensors) (default: %(default)s)")
     s.add_argument("--storage", help="Optuna storage URL (default: SQLite in the run folder)")
     s.add_argument("--study-name")
-    s.add_argument("--search-workers", type=_positive_int, default=1, metavar="N",
+    s.add_argument("--search-workers", type=_positive_int, default=default("search_workers"), metavar="N",
                    help="processes scoring trials of each study together, this one included "
                         "(each loads the model; see also `dynsearch worker`)")
     s.add_argument("--no-gguf", action="store_true", help="write the recipe only")

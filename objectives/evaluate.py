@@ -19,6 +19,7 @@ import torch
 
 from dynsearch.kernels import dequantize
 from dynsearch.objectives.kl import KLAccumulator, mean_kl
+from dynsearch.system import memory_limit
 
 
 CACHE_MAX_BYTES = 2 << 30  # QuantCache's default ceiling
@@ -28,8 +29,6 @@ CACHE_SHARE = 8  # ... and at most this fraction (1/8) of the memory the process
 def default_cache_bytes() -> int:
     """QuantCache's default size: 2 GiB, or an eighth of the memory limit where that is less
     (cgroup, ulimit or RAM: :func:`~dynsearch.system.memory_limit`)."""
-    from dynsearch.system import memory_limit
-
     return int(min(CACHE_MAX_BYTES, memory_limit() // CACHE_SHARE))
 
 

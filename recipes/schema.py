@@ -9,14 +9,16 @@ Tensors are written in model (layer) order so that diffs read well.
 
 from __future__ import annotations
 
+import datetime as _dt
 import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import yaml
 
+from dynsearch import __version__
 from dynsearch.errors import RecipeError
 from dynsearch.atomic import atomic_write_text
 from dynsearch.kernels.types import effective_type, parse_qtype, type_info
@@ -96,6 +98,31 @@ class Recipe:
 
     def dumps(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+
+class BudgetSpec(Protocol):
+    """A parsed budget (``search.budget.Budget``): what the user asked for."""
+
+    spec: str
+    file_bytes: int | None
+    bpw: float | None
+
+
+def from_assignment(name: str, model: ModelInfo, tensors: Mapping[str, str], tensor_bytes: int,
+                    budget: BudgetSpec, calibration: Mapping[str, Any], search: Mapping[str, Any],
+                    kl: Mapping[str, float] | None = None, overhead_bytes: int | None = None) -> Recipe:
+    """The recipe of an assignment ``tensors`` (every tensor of ``model``, in model order) whose
+    tensor data takes ``tensor_bytes`` (padding included), found under ``budget``; with
+    ``overhead_bytes`` (the file's header and metadata) the file size it will have is recorded
+    too. Dated today, stamped with this dynsearch version."""
+    achieved: dict[str, Any] = {"tensor_bytes": tensor_bytes}
+    if overhead_bytes is not None:
+        achieved["bytes_estimate"] = tensor_bytes + overhead_bytes
+    achieved["bpw"] = round(8.0 * tensor_bytes / model.n_params, 4)
+    return Recipe(name=name, model=model, tensors=dict(tensors),
+                  budget={"spec": budget.spec, "bytes": budget.file_bytes, "bpw": budget.bpw},
+                  achieved=achieved, calibration=dict(calibration), kl=dict(kl or {}), search=dict(search),
+                  created=_dt.date.today().isoformat(), dynsearch_version=__version__)
 
 
 # ---------------------------------------------------------------------------------------------

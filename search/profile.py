@@ -29,43 +29,27 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from joblib import Parallel, delayed
 
 from dynsearch.atomic import atomic_open
 from dynsearch.errors import ClusterError
-from dynsearch.kernels import dequantize, effective_type, tensor_nbytes
+from dynsearch.kernels import dequantize, effective_type, padded, quantize_tensor, tensor_nbytes
 from dynsearch import system
-from dynsearch.objectives.io.gguf_write import encode
+from dynsearch.objectives.forward import to_device
+from dynsearch.objectives.io.resolve import open_model
+from dynsearch.objectives.stats.moe import expert_error
+from dynsearch.objectives.stats.store import StatsFile, TensorStats
 from dynsearch.search.cluster import ProfileBackend, describe_error, joblib_backend
 
 log = logging.getLogger(__name__)
 
-GGUF_ALIGNMENT = 32  # llama.cpp pads every tensor's data to this (general.alignment default)
 PROFILE_VERSION = 1  # bump when the error definition changes: old cache entries are ignored
-
-
-def padded(nbytes: int, alignment: int = GGUF_ALIGNMENT) -> int:
-    return -(-nbytes // alignment) * alignment
-
-
-@dataclass
-class TensorStats:
-    """How one tensor is used on the calibration tokens (all optional: None = not measured)."""
-
-    xtx: torch.Tensor | None = None  # (in, in) mean input second moment X^T X / N
-    fisher_out: np.ndarray | None = None  # (out,) mean squared output gradient
-    importance: np.ndarray | None = None  # (in,) imatrix vector given to the quantizer
-    row_weight: np.ndarray | None = None  # (rows,) lookup frequency of each row (embeddings)
-    fisher_col: np.ndarray | None = None  # (in,) Fisher of what a looked-up row feeds
-    # MoE expert stacks (search/moe.py): per expert, the diagonal input second moment over the
-    # tokens routed to it / all tokens (n_expert, in); fisher_out is then per expert (n_expert, out)
-    xdiag: np.ndarray | None = None
-    expert_counts: np.ndarray | None = None  # (n_expert,) tokens routed to each expert (report)
 
 
 ERROR_CHUNK_BYTES = 16 << 20  # rows of dW processed at once by quant_error (bounds its temporaries)
 
 
-def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
+def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats, device: str = "cpu") -> float:
     """The second-order KL estimate of replacing ``w`` by ``dq`` (see module docstring), taken
     over chunks of rows so that its float64 temporaries stay small whatever the tensor.
 
@@ -74,11 +58,12 @@ def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
     matrix product (MKL's float32 one rounds some small shapes differently with 4 threads than
     with 1) and numpy's single-threaded row sums, and the terms are added with :func:`math.fsum`
     (exactly rounded, so neither their order nor the chunking matters); torch's whole-tensor
-    reductions split differently with 1, 2 or 4 threads."""
+    reductions split differently with 1, 2 or 4 threads. The product ``dW_o H`` runs on
+    ``device`` (the run's: a GPU's float64 rate), the row sums on the host."""
     w2, dq2 = w.reshape(-1, w.shape[-1]), dq.reshape(-1, dq.shape[-1])
     n_rows, n_cols = w2.shape
     step = max(1, ERROR_CHUNK_BYTES // (8 * n_cols))
-    h = stats.xtx.to(torch.float64) if stats.xtx is not None else None
+    h = to_device(stats.xtx, device, torch.float64) if stats.xtx is not None else None
     f = None if stats.fisher_out is None else np.asarray(stats.fisher_out, dtype=np.float64)
     col = (None if stats.row_weight is None else np.ones(n_cols) if stats.fisher_col is None
            else np.asarray(stats.fisher_col, dtype=np.float64))
@@ -87,7 +72,7 @@ def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
         r1 = min(n_rows, r0 + step)
         d = (dq2[r0:r1] - w2[r0:r1]).astype(np.float64)  # (rows, cols)
         if h is not None:
-            dh = (torch.from_numpy(d) @ h).numpy()  # (rows, cols) dW_o H
+            dh = (to_device(d, device) @ h).cpu().numpy()  # (rows, cols) dW_o H
             per_row = np.einsum("ij,ij->i", dh, d)  # dW_o H dW_o^T
             terms.append(0.5 * (per_row if f is None else f[r0:r1] * per_row))
         if col is not None:
@@ -101,34 +86,19 @@ def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
     return total
 
 
-def quantize_tensor(w: np.ndarray, qtype: str, importance: np.ndarray | None) -> np.ndarray:
-    """GGUF blocks of ``w`` (..., n_per_row), each matrix of a 3-D expert stack quantized with its
-    own slice of a per-expert importance vector (n_mat * n_per_row), as llama-quantize does (the
-    split is :func:`~dynsearch.objectives.io.gguf_write.encode`'s, which ``apply`` writes with)."""
-    n_per_row = w.shape[-1]
-    rows = np.ascontiguousarray(w.reshape(-1, n_per_row), dtype=np.float32)
-    if importance is None:
-        return encode(rows, qtype)
-    n_mat = np.size(importance) // n_per_row
-    if n_mat * n_per_row != np.size(importance) or rows.shape[0] % n_mat:
-        raise ValueError(f"importance of {np.size(importance)} values does not fit a tensor of shape {w.shape}")
-    return encode(rows, qtype, np.asarray(importance, dtype=np.float32).reshape(n_mat, n_per_row))
-
-
-def tensor_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats) -> float:
-    """:func:`quant_error`, or for an MoE expert stack its per-expert error (search/moe.py)."""
+def tensor_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats, device: str = "cpu") -> float:
+    """:func:`quant_error`, or for an MoE expert stack its per-expert error (objectives/stats/moe.py)."""
     if stats.xdiag is not None:
-        from dynsearch.objectives.stats.moe import expert_error
-
         return expert_error(w, dq, stats.xdiag, stats.fisher_out)
-    return quant_error(w, dq, stats)
+    return quant_error(w, dq, stats, device)
 
 
-def profile_tensor(w: np.ndarray, types: list[str], stats: TensorStats) -> tuple[list[str], np.ndarray, np.ndarray]:
+def profile_tensor(w: np.ndarray, types: list[str], stats: TensorStats,
+                   device: str = "cpu") -> tuple[list[str], np.ndarray, np.ndarray]:
     """(written types, padded sizes, errors) of ``w`` (rows, n_per_row) for each candidate type.
 
     llama.cpp's fallback is applied: a type whose block does not fit the rows is written as its
-    fallback, with that type's size and error.
+    fallback, with that type's size and error. ``device``: where the error term's matrix product runs.
     """
     w2 = np.ascontiguousarray(w.reshape(-1, w.shape[-1]), dtype=np.float32)
     n_per_row = w2.shape[1]
@@ -139,7 +109,7 @@ def profile_tensor(w: np.ndarray, types: list[str], stats: TensorStats) -> tuple
         if eff not in done:
             imp = stats.importance if stats.importance is not None else None
             dq = dequantize(quantize_tensor(w2, eff, imp), eff, n_per_row)
-            done[eff] = (padded(tensor_nbytes(w2.shape, eff)), tensor_error(w2, dq, stats))
+            done[eff] = (padded(tensor_nbytes(w2.shape, eff)), tensor_error(w2, dq, stats, device))
         written.append(eff)
         sizes.append(done[eff][0])
         errors.append(done[eff][1])
@@ -200,6 +170,30 @@ class ProfileCache:
             return None
 
 
+def _sha256_file(path: Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        done = 0
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            done += len(chunk)
+            if limit is not None and done >= limit:
+                break
+    return h.hexdigest()
+
+
+def model_fingerprint(path: Path) -> str:
+    """Identity of the model's bytes (size + hash of the first 64 MB and the file names): the key
+    of its statistics and profiles, and the recipe's ``source_sha256``."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        h.update(_sha256_file(f, 64 << 20).encode())
+    return h.hexdigest()
+
+
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -219,7 +213,7 @@ class ProfileJob:
 
     model_path: str  # absolute path of the .gguf file or Hugging Face folder
     model_key: str  # its fingerprint (checked on the worker: a different file is an error)
-    stats_path: str  # the run's statistics .npz (stats_store's layout)
+    stats_path: str  # the run's statistics .npz (objectives/stats/store.py's layout)
     cache_folder: str  # the profile cache every process shares
     stats_key: str
     types: tuple[str, ...]
@@ -243,9 +237,6 @@ class ProfileJob:
 @functools.lru_cache(maxsize=4)
 def _open_source(path: str, model_key: str):
     """The model at ``path``, opened once per process and checked to be the run's model."""
-    from dynsearch.objectives.io.resolve import open_model
-    from dynsearch.search.run.pipeline import model_fingerprint
-
     where = f"{socket.gethostname()} (pid {os.getpid()})"
     if not Path(path).exists():
         raise ClusterError(f"profiling worker on {where} cannot see the model {path}: put it on a "
@@ -258,10 +249,8 @@ def _open_source(path: str, model_key: str):
 
 def read_tensor_stats(path: str | Path, name: str) -> TensorStats:
     """One tensor's statistics from the run's statistics file, read through
-    :class:`~.stats_store.StatsFile` (only that tensor's members); empty for a tensor it lacks.
+    :class:`~dynsearch.objectives.stats.store.StatsFile` (only that tensor's members); empty for a tensor it lacks.
     An unreadable or damaged file is one :class:`ClusterError` line naming it."""
-    from dynsearch.objectives.stats.store import StatsFile
-
     try:
         stats = StatsFile(path)
     except OSError as e:
@@ -285,8 +274,6 @@ def profile_tensors(names: list[str], types: list[str], cache: ProfileCache,
     """Rows of every tensor in ``names`` order. Cache hits are read here; the misses go to
     ``backend``: ``local(name)`` in threads of this process, or ``job(name)`` in loky processes
     or on the Dask cluster (which write the cache entries themselves)."""
-    from joblib import Parallel, delayed
-
     rows: dict[str, ProfileRow] = {}
     for n in names:
         hit = cache.get(n, types)

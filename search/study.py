@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import optuna
 from optuna.trial import TrialState
+from scipy.optimize import minimize
 
 from dynsearch.errors import DynsearchError
 from dynsearch.search.space import SearchSpace, choice_key, parse_choice_key
@@ -40,6 +41,9 @@ class SearchSettings:
     refit_ridge: float = 0.03  # pull of the refitted log-multipliers towards 0 (the plain proxy)
 
 
+SAMPLERS = ("tpe", "cmaes", "gp", "random")  # make_sampler's names (--sampler)
+
+
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True)
@@ -49,7 +53,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.GPSampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise DynsearchError(f"unknown sampler {name!r} (tpe, cmaes, gp, random)")
+    raise DynsearchError(f"unknown sampler {name!r} ({', '.join(SAMPLERS)})")
 
 
 def _param_names(space: SearchSpace) -> list[str]:
@@ -135,8 +139,6 @@ def refit_log_multipliers(space: SearchSpace, measured: list[tuple[np.ndarray, f
     towards 0 (the unscaled proxy) and ``|a_g| <= bound``; ``c`` absorbs the overall scale,
     which the knapsack does not need. None with fewer than 3 measurements.
     """
-    from scipy.optimize import minimize
-
     if len(measured) < 3:
         return None
     E = np.stack([group_errors(space, c) for c, _ in measured])

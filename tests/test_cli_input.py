@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from dynsearch import cli
-from dynsearch.search.run import pipeline
+from dynsearch.search.budget import parse_budget
+from dynsearch.search.run import prepare
+from dynsearch.search.run.config import RunConfig, default
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -19,7 +21,7 @@ def never_runs(monkeypatch):
     """Fail the test if a bad input got past the checks into the costly part of the run."""
     def boom(*a, **k):
         raise AssertionError("the run started despite a bad input")
-    monkeypatch.setattr(pipeline, "open_model", boom, raising=False)
+    monkeypatch.setattr(prepare, "open_model", boom)
     monkeypatch.setattr("dynsearch.objectives.io.resolve.open_model", boom)
 
 
@@ -102,8 +104,27 @@ def test_redact_is_what_hides_the_password():
     assert redact("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
 
 
-def test_valid_config_passes_the_checks(tmp_path):
-    pipeline.check_config(pipeline.RunConfig(model="x", budgets=("100MB", "4.5bpw"), keep=("token_embd=Q8_0",),
-                                             types=("Q4_K", "iq4_xs"), out=str(tmp_path / "runs"),
-                                             storage=f"sqlite:///{tmp_path / 'study.db'}"))
-    assert Path(tmp_path / "study.db").exists()  # the storage was opened before any work
+def test_valid_config_is_parsed_once_into_typed_values(tmp_path):
+    cfg = RunConfig.parse("x", ["100MB", "4.5bpw", "100MB", "90MB..110MB/3"], ["Q4_K", "iq4_xs"],
+                          ["token_embd=q8_0"], out=str(tmp_path / "runs"))
+    assert cfg.budgets == tuple(parse_budget(b) for b in ("100MB", "4.5bpw", "90MB", "110MB"))  # repeats once
+    assert cfg.types == ("Q4_K", "IQ4_XS")
+    assert [(k.pattern.pattern, k.qtype) for k in cfg.keep] == [("token_embd", "Q8_0")]
+    assert not (tmp_path / "runs").exists()  # parsing creates nothing
+
+
+def test_storage_is_opened_before_the_model(never_runs, tmp_path):
+    db = tmp_path / "study.db"
+    with pytest.raises(AssertionError, match="despite a bad input"):  # never_runs: the model's opening
+        cli.main(["run", "smollm2-135m", "--budget", "100MB", "--out", str(tmp_path / "runs"),
+                  "--storage", f"sqlite:///{db}"])
+    assert db.exists()
+
+
+def test_command_line_defaults_are_the_configs():
+    args = cli.build_parser().parse_args(["run", "x", "--budget", "1GB"])
+    names = ("calib_tokens", "fisher_tokens", "search_tokens", "eval_tokens", "seed", "workers", "out",
+             "device", "joblib_backend", "trials", "sampler", "group_experts", "search_workers")
+    assert {n: getattr(args, n) for n in names} == {n: default(n) for n in names}
+    cfg = cli._run_config(args)
+    assert cfg == RunConfig.parse("x", ["1GB"])  # every option a user leaves out: RunConfig's default

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dynsearch.objectives.blocks import block, rms_norm
+from dynsearch.objectives.stats.moe import fill_dead_experts
 
 
 @dataclass
@@ -65,8 +66,6 @@ class _OutputGrads:
     def expert_fisher(self) -> dict[str, np.ndarray]:
         """Per MoE stack, (n_expert, out) mean g^2 over each expert's own routed tokens; experts no
         token reached get the live experts' mean (:func:`~dynsearch.objectives.stats.moe.fill_dead_experts`)."""
-        from dynsearch.objectives.stats.moe import fill_dead_experts
-
         out = {}
         for name, s in self.expert_sums.items():
             c = self.expert_tokens[name]

@@ -1,4 +1,5 @@
-"""The run's per-tensor statistics on disk, written as they are produced and read one tensor at a time.
+"""The run's per-tensor statistics (:class:`TensorStats`), on disk: written as they are produced
+and read one tensor at a time.
 
 The second moments ``X^T X`` are the bulk of the statistics (one ``(in, in)`` matrix per tensor:
 about 17 MB per SmolLM2 layer, 1.4 GB per layer of an 8B model), so holding them all is
@@ -11,18 +12,38 @@ profiler holds one tensor's statistics per worker.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import zipfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dynsearch.atomic import atomic_path
-from dynsearch.search.profile import TensorStats
 
-STATS_FIELDS = ("xtx", "fisher_out", "importance", "row_weight", "fisher_col", "xdiag", "expert_counts")  # TensorStats fields
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TensorStats:
+    """How one tensor is used on the calibration tokens (all optional: None = not measured)."""
+
+    xtx: torch.Tensor | None = None  # (in, in) mean input second moment X^T X / N
+    fisher_out: np.ndarray | None = None  # (out,) mean squared output gradient
+    importance: np.ndarray | None = None  # (in,) imatrix vector given to the quantizer
+    row_weight: np.ndarray | None = None  # (rows,) lookup frequency of each row (embeddings)
+    fisher_col: np.ndarray | None = None  # (in,) Fisher of what a looked-up row feeds
+    # MoE expert stacks (objectives/stats/moe.py): per expert, the diagonal input second moment
+    # over the tokens routed to it / all tokens (n_expert, in); fisher_out is then per expert
+    # (n_expert, out)
+    xdiag: np.ndarray | None = None
+    expert_counts: np.ndarray | None = None  # (n_expert,) tokens routed to each expert (report)
+
+
+STATS_FIELDS = tuple(f.name for f in fields(TensorStats))  # a statistics file's member fields
 
 
 def _array(v) -> np.ndarray:
@@ -119,3 +140,28 @@ class StatsFile(Mapping):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._z.close()
+
+
+def load_stats(path: Path) -> Mapping[str, TensorStats] | None:
+    """The statistics file, opened lazily (each tensor's members read when asked for); its list
+    of members and its small vectors are checked now, the X^T X matrices when read. None when
+    the file is absent; a damaged file is deleted (to be recomputed) and None returned."""
+    if not path.exists():
+        return None
+    try:
+        st = StatsFile(path)
+        for name in st:
+            for f in ("fisher_out", "importance", "row_weight", "fisher_col"):
+                st.field(name, f)
+        return st
+    except Exception as e:  # noqa: BLE001 - a damaged cache is recomputed
+        log.warning("statistics cache %s is corrupt (%s); recomputing", path, e)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def importance_of(stats: Mapping[str, TensorStats]) -> dict[str, np.ndarray | None]:
+    """tensor -> imatrix vector, without reading the X^T X matrices of a :class:`StatsFile`."""
+    if isinstance(stats, StatsFile):
+        return {n: stats.field(n, "importance") for n in stats}
+    return {n: st.importance for n, st in stats.items()}

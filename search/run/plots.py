@@ -15,25 +15,35 @@ from the drawing (:func:`plot_pareto`, :func:`plot_types`) so that it can be tes
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib.style
 import numpy as np
 import optuna
+from matplotlib import colormaps
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from optuna.trial import TrialState
 
 from dynsearch.atomic import atomic_path
 from dynsearch.errors import PlotError, RecipeError, StorageError
+from dynsearch.kernels.types import type_info
 from dynsearch.recipes import schema
 from dynsearch.search.budget import format_bytes, parse_budget
+from dynsearch.search.run.config import STUDY_DB, RunConfig
+from dynsearch.search.run.pipeline import slug
+from dynsearch.search.run.status import study_status
+from dynsearch.search.run.storage import load_study, open_storage
+from dynsearch.search.run.worker import RUN_CONFIG_ATTR
 from dynsearch.search.space import tensor_kind
 from dynsearch.search.study import REFIT_TRIAL_ATTR, SEED_TRIAL_ATTR
 
 log = logging.getLogger(__name__)
-
-STUDY_DB = "study.db"  # the run folder's default storage (search/pipeline.py: Prepared.storage_url)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,8 +119,6 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def _study_budget(study: optuna.Study) -> str | None:
-    from dynsearch.search.run.status import study_status
-
     return study_status(study).budget
 
 
@@ -176,12 +184,10 @@ def run_recipes(folders: Sequence[Path]) -> dict[str, tuple[Path, schema.Recipe]
 
 def _config_folders(study: optuna.Study) -> list[Path]:
     """Where ``dynsearch run`` wrote the study's recipes: ``<out>/*/`` of its stored configuration."""
-    from dynsearch.search.run.pipeline import RUN_CONFIG_ATTR, config_from_json
-
     text = study.user_attrs.get(RUN_CONFIG_ATTR)
     if not text:
         return []
-    out = Path(config_from_json(text).out)
+    out = Path(RunConfig.from_json(text).out)
     return sorted(p for p in out.glob("*") if p.is_dir()) if out.is_dir() else []
 
 
@@ -189,8 +195,6 @@ def load_plot_data(run_dir: str | Path | None = None, storage: str | None = None
                    study_name: str | None = None, budget: str | None = None) -> list[StudyData]:
     """The studies of a run folder (its ``study.db`` and recipes), or of ``storage`` (with the
     recipes found where the study's run wrote them), optionally one study or one budget."""
-    from dynsearch.search.run.storage import load_study, open_storage
-
     folder = Path(run_dir) if run_dir is not None else None
     if folder is not None and not folder.is_dir():
         raise PlotError(f"{folder}: no such run folder (give a folder written by `dynsearch run`, "
@@ -255,8 +259,6 @@ class TypeGrid:
 
 
 def _bpw(name: str) -> float:
-    from dynsearch.kernels.types import type_info
-
     return type_info(name).bits_per_weight
 
 
@@ -305,12 +307,8 @@ def type_grid(recipe: schema.Recipe, show_f32: bool = False) -> TypeGrid:
 def _own_style(draw):
     """Draw with matplotlib's default style whatever the caller set (Optuna's plots switch the
     whole process to ggplot), and leave the caller's style as it was."""
-    import functools
-
     @functools.wraps(draw)
     def wrapper(*args, **kwargs):
-        import matplotlib.style
-
         with matplotlib.style.context("default"):
             return draw(*args, **kwargs)
 
@@ -320,8 +318,6 @@ def _own_style(draw):
 def _figure(width: float, height: float):
     """A figure of its own (no pyplot, no global backend switch: safe in threads, in scripts
     without a display and inside notebooks, whose inline backend stays as it is)."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height))
     return fig, fig.subplots()
 
@@ -344,8 +340,6 @@ def file_axis(data: Sequence[StudyData]) -> bool:
 @_own_style
 def plot_pareto(path: str | Path, data: Sequence[StudyData], title: str = "") -> Path:
     """The Pareto PNG of one or more studies (see the module docstring)."""
-    from matplotlib import colormaps
-
     as_file = file_axis(data)
     fig, ax = _figure(8, 5.5)
     colours = colormaps["tab10"]
@@ -385,10 +379,6 @@ def plot_pareto(path: str | Path, data: Sequence[StudyData], title: str = "") ->
 @_own_style
 def plot_types(path: str | Path, grid: TypeGrid, title: str = "") -> Path:
     """The type heatmap PNG of a :class:`TypeGrid`."""
-    from matplotlib import colormaps
-    from matplotlib.colors import BoundaryNorm, ListedColormap
-    from matplotlib.patches import Patch
-
     n_types = len(grid.types)
     palette = colormaps["viridis"](np.linspace(0.0, 1.0, max(n_types, 2)))[:n_types]
     index = {t: i for i, t in enumerate(grid.types)}
@@ -450,8 +440,6 @@ def make_plots(target: str | Path | None, out_dir: str | Path | None = None, sto
             raise PlotError("a recipe is plotted alone: --storage, --study-name and --budget apply to "
                             "a run folder")
         return [plot_recipe(target, out_dir or Path(target).parent)]
-    from dynsearch.search.run.pipeline import _slug
-
     data = load_plot_data(target, storage, study_name, budget)
     out = Path(out_dir) if out_dir is not None else Path(target) if target is not None else Path(".")
     title = (data[0].recipe.model.name + ": " if data[0].recipe is not None else "") + \
@@ -461,6 +449,6 @@ def make_plots(target: str | Path | None, out_dir: str | Path | None = None, sto
         if d.recipe is None:
             log.warning("study %r has no recipe (yet): no type heatmap", d.name)
             continue
-        name = "types.png" if len(data) == 1 else f"types-{_slug(d.budget)}.png"
+        name = "types.png" if len(data) == 1 else f"types-{slug(d.budget)}.png"
         paths.append(plot_types(out / name, type_grid(d.recipe), recipe_title(d.recipe)))
     return paths

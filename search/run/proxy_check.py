@@ -19,8 +19,11 @@ from typing import Callable
 
 import numpy as np
 from scipy import stats as _scipy_stats
+from tqdm.auto import tqdm
 
 from dynsearch.errors import BudgetError
+from dynsearch.search.run.config import RunConfig
+from dynsearch.search.run.prepare import RunModel, prepare
 from dynsearch.search.space import SearchSpace
 from dynsearch.search.study import SearchSettings, group_errors, refit_log_multipliers
 
@@ -128,15 +131,12 @@ def leave_one_out_fitted(space: SearchSpace, choices: list[np.ndarray], kl: np.n
     return out
 
 
-def main(cfg, n: int = 30, min_spearman: float | None = None, progress: bool = True) -> int:
+def main(cfg: RunConfig, model: RunModel, n: int = 30, min_spearman: float | None = None,
+         progress: bool = True) -> int:
     """``dynsearch proxy-check``: profile as ``dynsearch run`` does (cached), then print the table."""
-    from tqdm.auto import tqdm
-
-    from dynsearch.search.run.pipeline import prepare
-
-    prep = prepare(cfg, progress=progress)
+    prep = prepare(cfg, model, progress=progress)
     rc = 0
-    for budget, tensor_budget in zip(prep.budgets, prep.tensor_budgets):
+    for budget, tensor_budget in zip(cfg.budgets, prep.tensor_budgets):
         bar = (lambda xs: tqdm(xs, desc=f"true KL @ {budget.spec}", unit="assignment")) if progress else None
         res = check_proxy(prep.space, tensor_budget, prep.kl_of, n=n, seed=cfg.seed, progress=bar)
         print(f"budget {budget.spec}: {len(res.proxy)} random feasible assignments, true KL on "

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dynsearch.search.budget import format_bytes
 from dynsearch.objectives.io.resolve import DEMO_ALIAS
+from dynsearch.search.run.config import RunConfig
+from dynsearch.search.run.pipeline import RunResult
 
 
-def print_summary(cfg, result) -> None:
+def print_summary(cfg: RunConfig, result: RunResult) -> None:
     print()
     print(f"{'budget':>10} {'size':>11} {'bpw':>6} {'proxy':>9} {'seed KL':>9} {'search KL':>10} "
           f"{'Optuna':>7} {'held-out KL':>12} {'99% KLD':>8}")
@@ -19,7 +21,7 @@ def print_summary(cfg, result) -> None:
               f"{r['heldout'].get('kld_p99', float('nan')):>8.4f}")
         hist = ", ".join(f"{t} x{n}" for t, n in r["types"].items())
         print(f"{'':>10} types: {hist}")
-    if cfg.model == DEMO_ALIAS and "Q4_1" not in [t.upper() for t in cfg.types]:
+    if cfg.model == DEMO_ALIAS and "Q4_1" not in cfg.types:
         print("note: Q4_1 is not a candidate type: the demo model's weights are dequantized Q4_1, so "
               "re-quantizing to it is lossless and would make comparisons meaningless")
     print("seed KL: true KL of the proxy's knapsack optimum; search KL: the best trial's (Optuna "

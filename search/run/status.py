@@ -8,7 +8,9 @@ import optuna
 from optuna.trial import TrialState
 
 from dynsearch.search.budget import format_bytes
+from dynsearch.search.run.config import RunConfig
 from dynsearch.search.run.storage import load_study
+from dynsearch.search.run.worker import BUDGET_INDEX_ATTR, N_TRIALS_ATTR, RUN_CONFIG_ATTR
 from dynsearch.search.study import SEED_TRIAL_ATTR
 
 
@@ -36,13 +38,6 @@ class StudyStatus:
 
 
 def study_status(study: optuna.Study) -> StudyStatus:
-    from dynsearch.search.run.pipeline import (
-        BUDGET_INDEX_ATTR,
-        N_TRIALS_ATTR,
-        RUN_CONFIG_ATTR,
-        config_from_json,
-    )
-
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in TrialState}
     done = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
@@ -51,9 +46,9 @@ def study_status(study: optuna.Study) -> StudyStatus:
     attrs = study.user_attrs
     spec = None
     if RUN_CONFIG_ATTR in attrs:
-        budgets = config_from_json(attrs[RUN_CONFIG_ATTR]).budgets
+        budgets = RunConfig.from_json(attrs[RUN_CONFIG_ATTR]).budgets
         index = int(attrs.get(BUDGET_INDEX_ATTR, 0))
-        spec = budgets[index] if index < len(budgets) else None
+        spec = budgets[index].spec if index < len(budgets) else None
     return StudyStatus(
         name=study.study_name, complete=count[TrialState.COMPLETE], pruned=count[TrialState.PRUNED],
         failed=count[TrialState.FAIL], running=count[TrialState.RUNNING],

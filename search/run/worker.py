@@ -1,6 +1,6 @@
 """More processes (or machines) on one study: ``dynsearch worker`` and ``run --search-workers``.
 
-A study made by ``dynsearch run`` stores the run's configuration (``pipeline.RUN_CONFIG_ATTR``);
+A study made by ``dynsearch run`` stores the run's configuration (:data:`RUN_CONFIG_ATTR`);
 a worker reads it back, prepares the same search space from the shared cache (statistics and
 profiles are cache hits, so this is quick; the space's fingerprint must match the study's) and
 runs trials until the study holds its requested number. Stale trials of dead workers are failed
@@ -29,7 +29,8 @@ from optuna.trial import TrialState
 
 from dynsearch.errors import StorageError
 from dynsearch.search.cluster import SCHEDULER_ENV, ProfileBackend
-from dynsearch.search.space import SearchSpace
+from dynsearch.search.run.config import RunConfig, check
+from dynsearch.search.run.prepare import Prepared, RunModel, prepare
 from dynsearch.search.run.storage import (
     OWNER_ATTR,
     load_study,
@@ -38,6 +39,7 @@ from dynsearch.search.run.storage import (
     sweep_stale,
     this_worker,
 )
+from dynsearch.search.space import SearchSpace
 from dynsearch.search.study import SearchSettings, open_study, run_study
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ STORAGE_ENV = "DYNSEARCH_STORAGE"  # storage URL for spawned workers (kept out o
 WAIT_POLL_S = 2.0  # seconds between two looks at the storage while waiting for the study
 RUN_ID_ENV = "DYNSEARCH_RUN_ID"  # helpers of `run --search-workers` wait for this run's study
 RUN_ID_ATTR = "run_id"  # study user attr: the run that last opened it (set after its other attrs)
+RUN_CONFIG_ATTR = "run_config"  # study user attr: the RunConfig (JSON) a worker rebuilds from
+BUDGET_INDEX_ATTR = "budget_index"  # study user attr: which of the config's budgets it searches
+N_TRIALS_ATTR = "n_trials"  # study user attr: the trial count last requested (all workers)
 
 
 @dataclass(frozen=True)
@@ -121,8 +126,6 @@ def wait_for_study(storage, study_name: str, seconds: float, url: str,
     most ``seconds``; a :class:`StorageError` line at the timeout. ``seconds == 0`` looks once.
     With ``run_id`` (the helpers a run starts), only that run's opening of the study counts: a
     study left by an earlier run holds an older configuration and trial count."""
-    from dynsearch.search.run.pipeline import N_TRIALS_ATTR, RUN_CONFIG_ATTR
-
     deadline = time.monotonic() + seconds
     said = False
     while True:
@@ -154,6 +157,16 @@ def wait_for_study(storage, study_name: str, seconds: float, url: str,
         time.sleep(min(poll, left))
 
 
+def open_budget_study(prep: Prepared, storage, i: int) -> optuna.Study:
+    """Create or resume the study of budget ``i`` in ``storage`` and store what a worker needs to
+    join it (the run configuration, which budget, the trial count requested)."""
+    study = open_study(storage, prep.study_name(i), prep.space, prep.settings(i))
+    study.set_user_attr(RUN_CONFIG_ATTR, prep.cfg.to_json())
+    study.set_user_attr(BUDGET_INDEX_ATTR, i)
+    study.set_user_attr(N_TRIALS_ATTR, int(prep.cfg.trials))
+    return study
+
+
 def join(storage_url: str, study_name: str, max_trials: int | None = None,
          timeout: float | None = None, progress: bool = True, local: Local = Local(),
          wait_for: float = 0.0, say: Callable[[str], None] = log.info,
@@ -161,24 +174,17 @@ def join(storage_url: str, study_name: str, max_trials: int | None = None,
     """``dynsearch worker``: join the study ``study_name`` made by ``dynsearch run``, waiting up
     to ``wait_for`` seconds for the run to create it (``--wait-for-study``; ``run_id``: for that
     run's opening of it, see :func:`wait_for_study`)."""
-    from dynsearch.search.run.pipeline import (
-        BUDGET_INDEX_ATTR,
-        N_TRIALS_ATTR,
-        RUN_CONFIG_ATTR,
-        config_from_json,
-        prepare,
-    )
-
     storage = open_storage(storage_url)
     stored = wait_for_study(storage, study_name, wait_for, storage_url, say, run_id=run_id)
     text = stored.user_attrs.get(RUN_CONFIG_ATTR)
     if text is None:
         raise StorageError(f"study {study_name!r} in {redact(storage_url)} was not made by "
                            "`dynsearch run` (no stored run configuration); start it with run first")
-    cfg = replace(config_from_json(text), storage=storage_url, timeout=timeout,
-                  joblib_backend=local.joblib_backend, dask_scheduler=local.dask_scheduler)
+    overrides = {"storage": storage_url, "timeout": timeout, "joblib_backend": local.joblib_backend,
+                 "dask_scheduler": local.dask_scheduler}
     if local.cache:
-        cfg = replace(cfg, cache=str(Path(local.cache).expanduser().resolve()))
+        overrides["cache"] = str(Path(local.cache).expanduser().resolve())
+    cfg = check(RunConfig.from_json(text, **overrides))
     index = int(stored.user_attrs.get(BUDGET_INDEX_ATTR, 0))
     requested = int(stored.user_attrs.get(N_TRIALS_ATTR, cfg.trials))
     cfg = replace(cfg, trials=requested)
@@ -187,7 +193,7 @@ def join(storage_url: str, study_name: str, max_trials: int | None = None,
         sweep_stale(stored)
         complete = sum(t.state == TrialState.COMPLETE for t in finished)
         return WorkerResult(study_name, 0, complete, requested)
-    prep = prepare(cfg, progress)
+    prep = prepare(cfg, RunModel.open(cfg.model), progress)
     if prep.study_name(index) != study_name:
         raise StorageError(f"study {study_name!r}: its stored configuration names study "
                            f"{prep.study_name(index)!r}; it was renamed or copied")

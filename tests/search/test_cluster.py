@@ -28,9 +28,10 @@ from optuna.trial import TrialState
 from dynsearch.cli import main as cli_main
 from dynsearch.errors import ClusterError, StorageError
 from dynsearch.search.cluster import SCHEDULER_ENV, ProfileBackend, check_backend, probe
-from dynsearch.search.profile import (ProfileCache, ProfileJob, TensorStats, profile_tensor,
+from dynsearch.objectives.stats.store import TensorStats
+from dynsearch.search.profile import (ProfileCache, ProfileJob, model_fingerprint, profile_tensor,
                                       profile_tensors, quant_error, read_tensor_stats)
-from dynsearch.search.run.pipeline import N_TRIALS_ATTR, RUN_CONFIG_ATTR
+from dynsearch.search.run.worker import N_TRIALS_ATTR, RUN_CONFIG_ATTR
 from dynsearch.search.run.storage import OWNER_ATTR, open_storage
 from dynsearch.search.run.worker import RUN_ID_ATTR, wait_for_study
 
@@ -104,8 +105,6 @@ def _stats_file(path: Path, stats: dict[str, TensorStats]) -> Path:
 
 def test_profile_job_is_small_and_equals_in_memory_profiling(tiny_model, tmp_path):
     from dynsearch.objectives.io.resolve import open_model
-    from dynsearch.search.run.pipeline import model_fingerprint
-
     src = open_model(tiny_model)
     rng = np.random.default_rng(0)
     names = ["blk.0.attn_q.weight", "blk.1.ffn_down.weight", "token_embd.weight"]
@@ -145,8 +144,6 @@ def test_damaged_statistics_file_is_one_line(tmp_path):
 
 def test_profile_job_refuses_a_model_it_cannot_see_or_a_different_one(tiny_model, tmp_path):
     from dynsearch.bench.synthetic import Shape, write_synthetic_model
-    from dynsearch.search.run.pipeline import model_fingerprint
-
     path = _stats_file(tmp_path / "stats-k.npz", {})
     key = model_fingerprint(tiny_model)
     gone = ProfileJob(str(tmp_path / "elsewhere.gguf"), key, str(path), str(tmp_path / "p"), "k", TYPES)
@@ -321,14 +318,16 @@ def test_a_failed_run_stops_the_helpers_it_started(tiny_model, tmp_path, monkeyp
     from dynsearch.errors import DynsearchError
     from dynsearch.search.run import pipeline
     from dynsearch.search.run import worker
+    from dynsearch.search.run.config import RunConfig
+    from dynsearch.search.run.prepare import RunModel
 
     started = []
     spawn = worker.spawn
     monkeypatch.setattr(worker, "spawn", lambda *a, **k: started.extend(spawn(*a, **k)) or started)
-    cfg = pipeline.RunConfig(model=str(tiny_model), budgets=("0.5bpw",), types=TYPES, search_workers=3,
-                             storage=f"journal://{tmp_path / 'study.log'}", out=str(tmp_path / "runs"))
+    cfg = RunConfig.parse(str(tiny_model), ["0.5bpw"], TYPES, search_workers=3,
+                          storage=f"journal://{tmp_path / 'study.log'}", out=str(tmp_path / "runs"))
     with pytest.raises(DynsearchError):
-        pipeline.run(cfg, progress=False)
+        pipeline.run(cfg, RunModel.open(cfg.model), progress=False)
     assert len(started) == 2 and all(p.poll() is not None for p in started)
 
 
@@ -401,8 +400,6 @@ def test_run_and_two_workers_profile_on_dask(tiny_model, dask_cluster, tmp_path)
     # the same profiles from loky processes and from threads here, on the run's statistics
     (stats_path,) = cache.glob("stats-*.npz")
     stats_key = stats_path.stem.split("-", 1)[1]
-    from dynsearch.search.run.pipeline import model_fingerprint
-
     key = model_fingerprint(tiny_model)
     dask_cache = ProfileCache(cache / "profile", key, stats_key)
     dask_rows = [dask_cache.get(n, list(TYPES)) for n in searched]

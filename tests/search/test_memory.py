@@ -13,8 +13,9 @@ from dynsearch.objectives.forward import BlockwiseForward
 from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.bench.synthetic import Shape, write_synthetic_model
 from dynsearch.search import profile as profile_mod
-from dynsearch.search.run.pipeline import collect_statistics
-from dynsearch.search.profile import TensorStats, quant_error
+from dynsearch.objectives.stats.collect import collect_statistics
+from dynsearch.objectives.stats.store import TensorStats
+from dynsearch.search.profile import quant_error
 from dynsearch.objectives.stats.store import StatsFile, StatsWriter
 
 SHAPE = Shape(n_layer=3, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=300, tied=False)
@@ -156,7 +157,7 @@ import sys, threading, time, numpy as np, torch
 from dynsearch.bench.synthetic import Shape, write_synthetic_model
 from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.objectives.forward import BlockwiseForward
-from dynsearch.search.run.pipeline import collect_statistics
+from dynsearch.objectives.stats.collect import collect_statistics
 torch.set_num_threads(1)
 def anon():
     for line in open('/proc/self/status'):

@@ -13,7 +13,8 @@ from dynsearch.objectives.forward import BlockwiseForward
 from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.bench.synthetic import Shape, write_synthetic_model
 from dynsearch.objectives.stats import moe
-from dynsearch.search.profile import TensorStats, profile_tensor, quantize_tensor, tensor_error
+from dynsearch.objectives.stats.store import TensorStats
+from dynsearch.search.profile import profile_tensor, quantize_tensor, tensor_error
 from dynsearch.kernels import dequantize, quantize
 
 TINY = Shape(n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=49152, tied=True,
@@ -96,11 +97,13 @@ def test_fisher_pass_gives_per_expert_output_fisher(tiny_moe):
 def test_run_on_tiny_qwen3moe(tiny_moe, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     from dynsearch.recipes import schema
-    from dynsearch.search.run.pipeline import RunConfig, run
+    from dynsearch.search.run.config import RunConfig
+    from dynsearch.search.run.pipeline import run
+    from dynsearch.search.run.prepare import RunModel
 
-    cfg = RunConfig(model=str(tiny_moe), budgets=("5.5bpw",), calib_tokens=2048, fisher_tokens=512,
-                    search_tokens=256, eval_tokens=512, seq_len=256, trials=2, out=str(tmp_path / "runs"))
-    res = run(cfg, progress=False)
+    cfg = RunConfig.parse(str(tiny_moe), ["5.5bpw"], calib_tokens=2048, fisher_tokens=512,
+                          search_tokens=256, eval_tokens=512, seq_len=256, trials=2, out=str(tmp_path / "runs"))
+    res = run(cfg, RunModel.open(cfg.model), progress=False)
     (rpath,), (gpath,) = res.recipe_paths, res.gguf_paths
     recipe = schema.load(rpath)
     for il in range(TINY.n_layer):

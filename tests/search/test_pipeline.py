@@ -7,6 +7,7 @@ import pytest
 
 from dynsearch.cli import main
 from dynsearch.recipes import schema
+from dynsearch.search.run import config, pipeline, prepare
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("demo_model")]
 
@@ -14,9 +15,19 @@ ARGS = ["run", "smollm2-135m", "--budget", "100MB", "--calib-tokens", "2048", "-
         "1024", "--search-tokens", "512", "--eval-tokens", "1024", "--trials", "3", "--quiet"]
 
 
-def test_run_writes_recipe_and_gguf_within_budget_and_resumes(tmp_path, capsys, demo_model):
+def _counted(monkeypatch, module, name: str) -> list:
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(a) or real(*a, **k))
+    return calls
+
+
+def test_run_writes_recipe_and_gguf_within_budget_and_resumes(tmp_path, capsys, demo_model, monkeypatch):
     out = tmp_path / "runs"
+    counts = {name: _counted(monkeypatch, module, name) for module, name in (
+        (config, "parse_budget"), (config, "parse_types"), (prepare, "resolve_model"),
+        (prepare, "open_model"), (pipeline, "open_storage"))}
     assert main([*ARGS, "--out", str(out)]) == 0
+    assert {k: len(v) for k, v in counts.items()} == dict.fromkeys(counts, 1)  # each input parsed, opened once
     printed = capsys.readouterr().out
     assert "Q4_1 is not a candidate" in printed
     (recipe_path,) = out.rglob("*.yaml")

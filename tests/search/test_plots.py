@@ -14,7 +14,8 @@ from optuna.trial import TrialState, create_trial
 
 from dynsearch.cli import main
 from dynsearch.recipes import schema
-from dynsearch.search.run.pipeline import BUDGET_INDEX_ATTR, RUN_CONFIG_ATTR, RunConfig, config_to_json
+from dynsearch.search.run.config import RunConfig
+from dynsearch.search.run.worker import BUDGET_INDEX_ATTR, RUN_CONFIG_ATTR
 from dynsearch.search.run.plots import (file_axis, load_plot_data, make_plots, pareto_front,
                                     type_grid)
 
@@ -66,8 +67,8 @@ def _recipe(types_of, name, study, estimate, kl=0.0123):
 def _make_study(storage, name, budget_spec, budget_bytes, trials, index, out):
     study = optuna.create_study(storage=storage, study_name=name)
     study.set_user_attr("budget", budget_bytes - OVERHEAD)
-    cfg = RunConfig(model="smollm2-135m", budgets=("90MB", "110MB"), out=str(out))
-    study.set_user_attr(RUN_CONFIG_ATTR, config_to_json(cfg))
+    cfg = RunConfig.parse("smollm2-135m", ["90MB", "110MB"], out=str(out))
+    study.set_user_attr(RUN_CONFIG_ATTR, cfg.to_json())
     study.set_user_attr(BUDGET_INDEX_ATTR, index)
     dist = {"m00_attn_q@0": FloatDistribution(-1.5, 1.5)}
     for k, (size, proxy, kl) in enumerate(trials):
@@ -225,8 +226,8 @@ def test_bpw_budget_takes_its_file_overhead_from_the_recipe(tmp_path):
     for name, budgets in (("Tiny-4.5bpw", ("4.5bpw",)), ("Tiny-5bpw", ("5bpw",))):
         study = optuna.create_study(storage=storage, study_name=name)
         study.set_user_attr("budget", 80_000_000)
-        study.set_user_attr(RUN_CONFIG_ATTR, config_to_json(RunConfig(model="smollm2-135m", budgets=budgets,
-                                                                      out=str(tmp_path / "runs"))))
+        study.set_user_attr(RUN_CONFIG_ATTR, RunConfig.parse("smollm2-135m", budgets,
+                                                             out=str(tmp_path / "runs")).to_json())
         dist = {"m": FloatDistribution(-1, 1)}
         for size, kl in ((79_000_000, 0.03), (79_500_000, 0.02)):
             study.add_trial(create_trial(value=kl, params={"m": 0.0}, distributions=dist,

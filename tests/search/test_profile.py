@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dynsearch import kernels as K
-from dynsearch.search.profile import ProfileCache, TensorStats, padded, profile_tensor, quant_error
+from dynsearch.objectives.stats.store import TensorStats
+from dynsearch.search.profile import ProfileCache, padded, profile_tensor, quant_error
 
 
 def test_quant_error_matches_brute_force():

@@ -371,16 +371,29 @@ def test_storage_urls_are_checked_and_never_leak_passwords(tmp_path, capsys):
 
 
 def test_run_config_round_trips_without_the_storage():
-    from dynsearch.search.run.pipeline import RunConfig, config_from_json, config_to_json
+    from dynsearch.search.budget import parse_budget
+    from dynsearch.search.run.config import RunConfig, check
 
-    cfg = RunConfig(model="smollm2-135m", budgets=("100MB", "4bpw"), keep=("token_embd=Q8_0",),
-                    storage="postgresql://bob:Zk9secret@h/x", search_workers=3, out="runs")
-    back = config_from_json(config_to_json(cfg))
-    assert "Zk9secret" not in config_to_json(cfg) and back.storage is None and back.search_workers == 1
-    assert back.budgets == cfg.budgets and back.keep == cfg.keep and back.types == cfg.types
+    cfg = RunConfig.parse("smollm2-135m", ["100MB", "4.123456789bpw"], ["q4_k", "Q8_0"], ["token_embd=q8_0"],
+                          storage="postgresql://bob:Zk9secret@h/x", search_workers=3, out="runs")
+    assert cfg.types == ("Q4_K", "Q8_0") and str(cfg.keep[0]) == "token_embd=Q8_0"
+    back = RunConfig.from_json(cfg.to_json())
+    assert "Zk9secret" not in cfg.to_json() and back.storage is None and back.search_workers == 1
+    assert back.budgets == cfg.budgets == (parse_budget("100MB"), parse_budget("4.123456789bpw"))
+    assert back.budgets[1].bpw == 4.123456789  # exact, though its spec is rounded ("4.12346bpw")
+    assert back.keep == cfg.keep and back.types == cfg.types
     assert Path(back.out).is_absolute() and back.cache == str(Path(back.out) / "cache")
+    assert RunConfig.from_json(cfg.to_json(), storage="sqlite:///x.db", timeout=5.0).storage == "sqlite:///x.db"
     with pytest.raises(Exception, match="unreadable"):
-        config_from_json(json.dumps({"model": "m", "budgets": ["1GB"], "bogus": 1}))
+        RunConfig.from_json(json.dumps({**json.loads(cfg.to_json()), "bogus": 1}))
+    with pytest.raises(Exception, match="unreadable"):
+        RunConfig.from_json(json.dumps({**json.loads(cfg.to_json()), "budgets": ["1GB"]}))  # an older layout
+    gone = RunConfig.parse("smollm2-135m", ["1GB"], calib=__file__).to_json().replace(__file__, "/gone.jsonl")
+    assert RunConfig.from_json(gone).calib == "/gone.jsonl"  # read (status, plot) without the file here
+    with pytest.raises(Exception, match="--calib /gone.jsonl: no such file"):  # a worker checks it
+        check(RunConfig.from_json(gone))
+    with pytest.raises(Exception, match="--timeout must be a positive"):  # and its local options
+        check(RunConfig.from_json(cfg.to_json(), timeout=-1.0))
 
 
 def test_resumed_study_does_not_replay_the_proposals_it_already_made(tmp_path):
