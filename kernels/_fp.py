@@ -1,4 +1,5 @@
-"""Scalar float helpers shared by every kernel family, bit-exact with ggml's C.
+"""Scalar float helpers shared by every kernel family, bit-exact with ggml's C, and the
+little-endian fields (fp16, u16, u32) they read and write inside a block of bytes.
 
 ggml computes in plain float32 (no FMA in libggml-base). In numba, a Python float literal is
 float64 and silently promotes the whole expression, so kernels use ``f32(...)`` constants and
@@ -89,12 +90,6 @@ def fp16_to_fp32(h):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def fp16_round(f):
-    """The float32 value ggml reads back after storing ``f`` as fp16."""
-    return fp16_to_fp32(fp32_to_fp16(f))
-
-
-@njit(cache=True, nogil=True, inline="always")
 def fp32_to_bf16(f):
     """ggml_compute_fp32_to_bf16: round to nearest even, NaN forced quiet. Returns uint16."""
     u = f32_bits(f32(f))
@@ -128,3 +123,42 @@ def roundf(x):
     if ax - t >= f32(0.5):
         t = t + f32(1.0)
     return f32(-t) if x < f32(0.0) else f32(t)
+
+
+# ----------------------------------------------------------------------------- block fields
+# ``y`` is a uint8 array (a row or a block of GGUF data), ``o`` a byte offset; little endian.
+
+
+@njit(cache=True, nogil=True, inline="always")
+def get_f16(y, o):
+    """The fp16 at ``y[o:o+2]`` as float32."""
+    return fp16_to_fp32(get_u16(y, o))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def put_f16(y, o, v):
+    """Store float ``v`` as fp16 (ggml_compute_fp32_to_fp16) at ``y[o:o+2]``."""
+    put_u16(y, o, fp32_to_fp16(v))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def get_u16(y, o):
+    return np.uint16(y[o]) | (np.uint16(y[o + 1]) << np.uint16(8))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def put_u16(y, o, v):
+    y[o] = np.uint8(v & 0xFF)
+    y[o + 1] = np.uint8((v >> 8) & 0xFF)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def get_u32(y, o):
+    return (np.uint32(y[o]) | (np.uint32(y[o + 1]) << np.uint32(8))
+            | (np.uint32(y[o + 2]) << np.uint32(16)) | (np.uint32(y[o + 3]) << np.uint32(24)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def put_u32(y, o, v):
+    for k in range(4):
+        y[o + k] = np.uint8((v >> np.uint32(8 * k)) & np.uint32(0xFF))

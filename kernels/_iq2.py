@@ -8,91 +8,15 @@ lattice grid (levels 1, 3, 5 before scaling) through the neighbour lists of iq2x
 from __future__ import annotations
 
 import numpy as np
+from gguf import QK_K
 from numba import njit, prange
 
-from dynsearch.kernels._fp import f32, fp32_to_fp16
-from dynsearch.kernels._iq_search import (
-    fmax_c,
-    fold_signs_even,
-    grid_index,
-    imatrix_weights,
-    nearest_int,
-    search_scale,
-    sum_sq,
-)
+from dynsearch.kernels._fp import f32, nearest_int, put_f16
+from dynsearch.kernels._iq_search import fmax_c, fold_signs_even, grid_index, imatrix_weights, search_scale, sum_sq
+from dynsearch.kernels.scale_search import GROUP_MAX_EPS, make_qp_quants
+from dynsearch.kernels.types import QT, type_info
 
-QK_K = 256
-GROUP_MAX_EPS = f32(1e-15)
-
-
-@njit(cache=True, nogil=True)
-def make_qp_quants(nmax, x, L, w):
-    """ggml's make_qp_quants: the best scale for ``x`` on levels 0..nmax.
-
-    ``L`` must be uint8 as in ggml: a negative ``x`` (the parity-flipped value) wraps its level.
-    """
-    n = x.size
-    mx = f32(0.0)
-    for i in range(n):
-        mx = fmax_c(mx, x[i])
-    if mx < GROUP_MAX_EPS:
-        L[:] = 0
-        return f32(0.0)
-    iscale = f32(nmax) / mx
-    for i in range(n):
-        L[i] = nearest_int(iscale * x[i])
-    scale = f32(1.0) / iscale
-    best_mse = f32(0.0)
-    for i in range(n):
-        diff = x[i] - scale * f32(L[i])
-        best_mse += w[i] * diff * diff
-    for is_ in range(-4, 5):
-        if is_ == 0:
-            continue
-        iscale_is = (f32(0.1) * f32(is_) + f32(nmax)) / mx
-        scale_is = f32(1.0) / iscale_is
-        mse = f32(0.0)
-        for i in range(n):
-            l = min(nmax, nearest_int(iscale_is * x[i]))
-            diff = x[i] - scale_is * f32(l)
-            mse += w[i] * diff * diff
-        if mse < best_mse:
-            best_mse = mse
-            iscale = iscale_is
-    sumlx = f32(0.0)
-    suml2 = f32(0.0)
-    for i in range(n):
-        l = min(nmax, nearest_int(iscale * x[i]))
-        L[i] = l
-        sumlx += w[i] * x[i] * f32(l)
-        suml2 += w[i] * f32(l) * f32(l)
-    for _ in range(5):
-        n_changed = 0
-        for i in range(n):
-            wi = w[i]
-            li = f32(L[i])
-            slx = sumlx - wi * x[i] * li
-            sl2 = suml2 - wi * li * li
-            if slx > f32(0.0) and sl2 > f32(0.0):
-                new_l = min(nmax, nearest_int(x[i] * sl2 / slx))
-                if new_l != L[i]:
-                    slx += wi * x[i] * f32(new_l)
-                    sl2 += wi * f32(new_l) * f32(new_l)
-                    if slx * slx * suml2 > sumlx * sumlx * sl2:
-                        L[i] = new_l
-                        sumlx = slx
-                        suml2 = sl2
-                        n_changed += 1
-        if not n_changed:
-            break
-    return sumlx / suml2 if suml2 > f32(0.0) else f32(0.0)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _put_fp16(blk, v):
-    h = fp32_to_fp16(v)
-    blk[0] = np.uint8(h & 0xFF)
-    blk[1] = np.uint8(h >> 8)
+BYTES_IQ2_XXS, BYTES_IQ2_XS = (type_info(t).type_size for t in (QT.IQ2_XXS, QT.IQ2_XS))
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -110,7 +34,7 @@ def quantize_iq2_xxs_k(x, qw, out, grid, kmap, nbr):
         scales = np.empty(8, np.float32)
         q2 = np.empty(16, np.uint32)
         for ibl in range(n_per_row // QK_K):
-            blk = out[r, ibl * 66:(ibl + 1) * 66]
+            blk = out[r, ibl * BYTES_IQ2_XXS:(ibl + 1) * BYTES_IQ2_XXS]
             xbl = x[r, ibl * QK_K:(ibl + 1) * QK_K]
             q2[:] = 0
             max_scale = f32(0.0)
@@ -128,7 +52,7 @@ def quantize_iq2_xxs_k(x, qw, out, grid, kmap, nbr):
                 if mx < GROUP_MAX_EPS:
                     scales[ib] = f32(0.0)
                     continue
-                scale = make_qp_quants(4, xval, Lqp, weight)
+                scale = make_qp_quants(32, 4, xval, Lqp, weight)
                 eff_max = scale * f32(3.0)
                 if eff_max <= f32(0.0):
                     scales[ib] = f32(0.0)
@@ -150,7 +74,7 @@ def quantize_iq2_xxs_k(x, qw, out, grid, kmap, nbr):
             if max_scale == f32(0.0):
                 continue
             d = max_scale / f32(31.0)
-            _put_fp16(blk, d)
+            put_f16(blk, 0, d)
             inv = f32(1.0) / d
             for ib in range(8):
                 l = max(0, min(15, nearest_int(f32(0.5) * (inv * scales[ib] - f32(1.0)))))
@@ -174,7 +98,7 @@ def quantize_iq2_xs_k(x, qw, out, grid, kmap, nbr):
         scales = np.empty(16, np.float32)
         q2 = np.empty(32, np.uint16)
         for ibl in range(n_per_row // QK_K):
-            blk = out[r, ibl * 74:(ibl + 1) * 74]  # d | qs u16[32] | scales[8]
+            blk = out[r, ibl * BYTES_IQ2_XS:(ibl + 1) * BYTES_IQ2_XS]  # d | qs u16[32] | scales[8]
             xbl = x[r, ibl * QK_K:(ibl + 1) * QK_K]
             q2[:] = 0
             max_scale = f32(0.0)
@@ -205,7 +129,7 @@ def quantize_iq2_xs_k(x, qw, out, grid, kmap, nbr):
             if max_scale == f32(0.0):
                 continue
             d = max_scale / f32(31.0)
-            _put_fp16(blk, d)
+            put_f16(blk, 0, d)
             inv = f32(1.0) / d
             for ib in range(16):
                 l = max(0, min(15, nearest_int(f32(0.5) * (inv * scales[ib] - f32(1.0)))))

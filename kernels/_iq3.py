@@ -8,20 +8,14 @@ Each 32-element sub-block is folded to |x| (signs stored apart), then a scale se
 from __future__ import annotations
 
 import numpy as np
+from gguf import QK_K
 from numba import njit, prange
 
-from dynsearch.kernels._fp import f32, fp32_to_fp16
-from dynsearch.kernels._iq_search import (
-    fmax_c,
-    fold_signs_even,
-    grid_index,
-    imatrix_weights,
-    nearest_int,
-    search_scale,
-    sum_sq,
-)
+from dynsearch.kernels._fp import f32, nearest_int, put_f16
+from dynsearch.kernels._iq_search import fmax_c, fold_signs_even, grid_index, imatrix_weights, search_scale, sum_sq
+from dynsearch.kernels.types import QT, type_info
 
-QK_K = 256
+BYTES_IQ3_XXS, BYTES_IQ3_S = (type_info(t).type_size for t in (QT.IQ3_XXS, QT.IQ3_S))
 GROUP_MAX_EPS_IQ3_XXS = f32(1e-8)
 
 
@@ -42,7 +36,7 @@ def quantize_iq3_xxs_k(x, qw, out, grid, kmap, nbr):
         q3 = np.empty(96, np.uint8)  # qs[64] | scales_and_signs u32[8]
         sas = np.empty(8, np.uint32)
         for ibl in range(n_per_row // QK_K):
-            blk = out[r, ibl * 98:(ibl + 1) * 98]
+            blk = out[r, ibl * BYTES_IQ3_XXS:(ibl + 1) * BYTES_IQ3_XXS]
             xbl = x[r, ibl * QK_K:(ibl + 1) * QK_K]
             q3[:] = 0
             sas[:] = 0
@@ -76,9 +70,7 @@ def quantize_iq3_xxs_k(x, qw, out, grid, kmap, nbr):
             if max_scale == f32(0.0):
                 continue
             d = max_scale / f32(31.0)
-            h = fp32_to_fp16(d * f32(1.0125))
-            blk[0] = np.uint8(h & 0xFF)
-            blk[1] = np.uint8(h >> 8)
+            put_f16(blk, 0, d * f32(1.0125))
             inv = f32(1.0) / d
             for ib in range(8):
                 l = max(0, min(15, nearest_int(f32(0.5) * (inv * scales[ib] - f32(1.0)))))
@@ -104,7 +96,7 @@ def quantize_iq3_s_k(x, qw, out, grid, kmap, nbr):
         scales = np.empty(8, np.float32)
         signs = np.empty(4, np.uint8)
         for ibl in range(n_per_row // QK_K):
-            blk = out[r, ibl * 110:(ibl + 1) * 110]  # d | qs[64] | qh[8] | signs[32] | scales[4]
+            blk = out[r, ibl * BYTES_IQ3_S:(ibl + 1) * BYTES_IQ3_S]  # d | qs[64] | qh[8] | signs[32] | scales[4]
             xbl = x[r, ibl * QK_K:(ibl + 1) * QK_K]
             blk[:] = 0
             # ggml advances its qs/signs pointers only past non-zero sub-blocks: mirrored here.
@@ -152,9 +144,7 @@ def quantize_iq3_s_k(x, qw, out, grid, kmap, nbr):
             if max_scale == f32(0.0):
                 continue
             d = max_scale / f32(31.0)
-            h = fp32_to_fp16(d * f32(1.033))
-            blk[0] = np.uint8(h & 0xFF)
-            blk[1] = np.uint8(h >> 8)
+            put_f16(blk, 0, d * f32(1.033))
             inv = f32(1.0) / d
             for ib in range(0, 8, 2):
                 l1 = max(0, min(15, nearest_int(f32(0.5) * (inv * scales[ib] - f32(1.0)))))

@@ -14,7 +14,6 @@ from dynsearch.kernels._fp import f32, nearest_int
 FLT_MAX = f32(3.4028234663852886e38)
 
 
-
 @njit(cache=True, nogil=True, inline="always")
 def best_neighbour(nbr, start, grid, xval, weight, off, scale, L):
     """iq2/iq3_find_best_neighbour: the candidate grid point nearest (weighted) to xval/scale.

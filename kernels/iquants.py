@@ -22,29 +22,31 @@ Block layouts (bytes, little endian)::
 from __future__ import annotations
 
 import numpy as np
+from gguf import QK_K
 from numba import njit, prange
 
-from dynsearch.kernels._fp import f32, fp16_to_fp32, fp32_to_fp16, nearest_int
+from dynsearch.kernels._fp import f32, fp16_to_fp32, get_f16, get_u16, get_u32, nearest_int, put_f16, put_u16
 from dynsearch.kernels._iq2 import quantize_iq2_xs_k, quantize_iq2_xxs_k
 from dynsearch.kernels._iq3 import quantize_iq3_s_k, quantize_iq3_xxs_k
 from dynsearch.kernels._iq_grids import grid_table, ksigns_table, quant_tables
 from dynsearch.kernels.registry import register
-from dynsearch.kernels.types import QT
+from dynsearch.kernels.scale_search import GROUP_MAX_EPS
+from dynsearch.kernels.types import QT, type_info
 
-QK_K = 256
-QK4_NL = 32
+QK4_NL = type_info(QT.IQ4_NL).block_size  # 32
+# Bytes per block of each type, from the type table.
+(BYTES_IQ4_NL, BYTES_IQ4_XS, BYTES_IQ2_XXS, BYTES_IQ2_XS, BYTES_IQ2_S, BYTES_IQ3_XXS, BYTES_IQ3_S,
+ BYTES_IQ1_S, BYTES_IQ1_M) = (type_info(t).type_size for t in (
+    QT.IQ4_NL, QT.IQ4_XS, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S, QT.IQ1_M))
 
 # kvalues_iq4nl (ggml-common.h): the 16 non-linear 4-bit levels.
 KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                          dtype=np.int8)
 _KV = KVALUES_IQ4NL.astype(np.float32)
 
-GROUP_MAX_EPS = f32(1e-15)
-
 
 # ---------------------------------------------------------------------------------------------
 # scalar helpers
-
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -63,23 +65,6 @@ def best_index_iq4(x):
         else:
             ml = mav
     return mu - 1 if x - _KV[mu - 1] < _KV[mu] - x else mu
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _put_u16(buf, off, v):
-    buf[off] = np.uint8(v & 0xFF)
-    buf[off + 1] = np.uint8(v >> 8)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _get_u16(buf, off):
-    return np.uint16(buf[off]) | (np.uint16(buf[off + 1]) << np.uint16(8))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _get_u32(buf, off):
-    return (np.uint32(buf[off]) | (np.uint32(buf[off + 1]) << np.uint32(8))
-            | (np.uint32(buf[off + 2]) << np.uint32(16)) | (np.uint32(buf[off + 3]) << np.uint32(24)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +152,8 @@ def quantize_iq4_nl(x, qw, out):
             else:
                 _iq4_weights(xb, xb, False, f32(0.0), wb)
             d = _iq4_sub_scale(xb, wb)
-            blk = out[r, ib * 18:(ib + 1) * 18]
-            _put_u16(blk, 0, fp32_to_fp16(d))
+            blk = out[r, ib * BYTES_IQ4_NL:(ib + 1) * BYTES_IQ4_NL]
+            put_f16(blk, 0, d)
             inv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
             for j in range(32):
                 L[j] = best_index_iq4(inv * xb[j])
@@ -187,7 +172,7 @@ def quantize_iq4_xs(x, qw, out):
         for ibl in range(nb):
             xs = x[r, ibl * QK_K:(ibl + 1) * QK_K]
             sigma2 = _iq4_sigma2(xs) if has_qw else f32(0.0)
-            blk = out[r, ibl * 136:(ibl + 1) * 136]
+            blk = out[r, ibl * BYTES_IQ4_XS:(ibl + 1) * BYTES_IQ4_XS]
             max_scale = f32(0.0)
             amax_scale = f32(0.0)
             for ib in range(8):
@@ -200,7 +185,7 @@ def quantize_iq4_xs(x, qw, out):
                     amax_scale = abs(d)
                     max_scale = d
             d = -max_scale / f32(32.0)
-            _put_u16(blk, 0, fp32_to_fp16(d))
+            put_f16(blk, 0, d)
             inv = f32(1.0) / d if d != f32(0.0) else f32(0.0)
             scales_h = 0
             for ib in range(8):
@@ -215,7 +200,7 @@ def quantize_iq4_xs(x, qw, out):
                 else:
                     blk[4 + ib // 2] |= np.uint8((ls & 0xF) << 4)
                 scales_h |= (ls >> 4) << (2 * ib)
-            _put_u16(blk, 2, scales_h)
+            put_u16(blk, 2, scales_h)
             _pack_iq4(L, blk[8:])
 
 
@@ -228,8 +213,8 @@ def dequantize_iq4_nl(data, out):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for ib in range(n // 32):
-            blk = data[r, ib * 18:(ib + 1) * 18]
-            d = fp16_to_fp32(_get_u16(blk, 0))
+            blk = data[r, ib * BYTES_IQ4_NL:(ib + 1) * BYTES_IQ4_NL]
+            d = get_f16(blk, 0)
             for j in range(16):
                 q = blk[2 + j]
                 out[r, ib * 32 + j] = d * _KV[q & 0xF]
@@ -241,9 +226,9 @@ def dequantize_iq4_xs(data, out):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for ibl in range(n // QK_K):
-            blk = data[r, ibl * 136:(ibl + 1) * 136]
-            d = fp16_to_fp32(_get_u16(blk, 0))
-            scales_h = _get_u16(blk, 2)
+            blk = data[r, ibl * BYTES_IQ4_XS:(ibl + 1) * BYTES_IQ4_XS]
+            d = get_f16(blk, 0)
+            scales_h = get_u16(blk, 2)
             for ib in range(8):
                 ls = ((blk[4 + ib // 2] >> (4 * (ib % 2))) & 0xF) | (((scales_h >> (2 * ib)) & 3) << 4)
                 dl = d * f32(np.int32(ls) - 32)
@@ -267,10 +252,10 @@ def dequantize_iq2_xxs_k(data, out, grid, ksigns):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for ibl in range(n // QK_K):
-            blk = data[r, ibl * 66:(ibl + 1) * 66]
-            d = fp16_to_fp32(_get_u16(blk, 0))
+            blk = data[r, ibl * BYTES_IQ2_XXS:(ibl + 1) * BYTES_IQ2_XXS]
+            d = get_f16(blk, 0)
             for ib in range(8):
-                aux1 = _get_u32(blk, 2 + 8 * ib + 4)
+                aux1 = get_u32(blk, 2 + 8 * ib + 4)
                 db = d * (f32(0.5) + f32(aux1 >> np.uint32(28))) * f32(0.25)
                 for l in range(4):
                     g = grid[blk[2 + 8 * ib + l]]
@@ -283,13 +268,13 @@ def dequantize_iq2_xs_k(data, out, grid, ksigns):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for ibl in range(n // QK_K):
-            blk = data[r, ibl * 74:(ibl + 1) * 74]
-            d = fp16_to_fp32(_get_u16(blk, 0))
+            blk = data[r, ibl * BYTES_IQ2_XS:(ibl + 1) * BYTES_IQ2_XS]
+            d = get_f16(blk, 0)
             for k in range(16):  # 16 groups of 16 elements, one 4-bit scale each
                 sc = (blk[66 + k // 2] >> (4 * (k % 2))) & 0xF
                 db = d * (f32(0.5) + f32(sc)) * f32(0.25)
                 for l in range(2):
-                    q = _get_u16(blk, 2 + 2 * (2 * k + l))
+                    q = get_u16(blk, 2 + 2 * (2 * k + l))
                     _put_grid8(out[r, ibl * QK_K + 16 * k + 8 * l:], db, grid[q & 511], ksigns[q >> 9])
 
 
@@ -298,8 +283,8 @@ def dequantize_iq2_s_k(data, out, grid):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for ibl in range(n // QK_K):
-            blk = data[r, ibl * 82:(ibl + 1) * 82]
-            d = fp16_to_fp32(_get_u16(blk, 0))
+            blk = data[r, ibl * BYTES_IQ2_S:(ibl + 1) * BYTES_IQ2_S]
+            d = get_f16(blk, 0)
             for k in range(16):
                 sc = (blk[74 + k // 2] >> (4 * (k % 2))) & 0xF
                 db = d * (f32(0.5) + f32(sc)) * f32(0.25)
@@ -314,10 +299,10 @@ def dequantize_iq3_xxs_k(data, out, grid, ksigns):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for ibl in range(n // QK_K):
-            blk = data[r, ibl * 98:(ibl + 1) * 98]
-            d = fp16_to_fp32(_get_u16(blk, 0))
+            blk = data[r, ibl * BYTES_IQ3_XXS:(ibl + 1) * BYTES_IQ3_XXS]
+            d = get_f16(blk, 0)
             for ib in range(8):
-                aux = _get_u32(blk, 66 + 4 * ib)
+                aux = get_u32(blk, 66 + 4 * ib)
                 db = d * (f32(0.5) + f32(aux >> np.uint32(28))) * f32(0.5)
                 for l in range(4):
                     s = ksigns[(aux >> np.uint32(7 * l)) & np.uint32(127)]
@@ -334,8 +319,8 @@ def dequantize_iq3_s_k(data, out, grid):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for ibl in range(n // QK_K):
-            blk = data[r, ibl * 110:(ibl + 1) * 110]
-            d = fp16_to_fp32(_get_u16(blk, 0))
+            blk = data[r, ibl * BYTES_IQ3_S:(ibl + 1) * BYTES_IQ3_S]
+            d = get_f16(blk, 0)
             for ib in range(8):
                 sc = (blk[106 + ib // 2] >> (4 * (ib % 2))) & 0xF
                 db = d * f32(1 + 2 * sc)
@@ -359,10 +344,10 @@ def dequantize_iq1_s_k(data, out, grid):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for ibl in range(n // QK_K):
-            blk = data[r, ibl * 50:(ibl + 1) * 50]
-            d = fp16_to_fp32(_get_u16(blk, 0))
+            blk = data[r, ibl * BYTES_IQ1_S:(ibl + 1) * BYTES_IQ1_S]
+            d = get_f16(blk, 0)
             for ib in range(8):
-                qh = np.int32(_get_u16(blk, 34 + 2 * ib))
+                qh = np.int32(get_u16(blk, 34 + 2 * ib))
                 dl = d * f32(2 * ((qh >> 12) & 7) + 1)
                 delta = -IQ1S_DELTA if qh & 0x8000 else IQ1S_DELTA
                 for l in range(4):
@@ -377,15 +362,15 @@ def dequantize_iq1_m_k(data, out, grid):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for ibl in range(n // QK_K):
-            blk = data[r, ibl * 56:(ibl + 1) * 56]
-            sc0 = np.int32(_get_u16(blk, 48))
-            sc1 = np.int32(_get_u16(blk, 50))
-            sc2 = np.int32(_get_u16(blk, 52))
-            sc3 = np.int32(_get_u16(blk, 54))
+            blk = data[r, ibl * BYTES_IQ1_M:(ibl + 1) * BYTES_IQ1_M]
+            sc0 = np.int32(get_u16(blk, 48))
+            sc1 = np.int32(get_u16(blk, 50))
+            sc2 = np.int32(get_u16(blk, 52))
+            sc3 = np.int32(get_u16(blk, 54))
             dh = ((sc0 & 0xF000) >> 12) | ((sc1 & 0xF000) >> 8) | ((sc2 & 0xF000) >> 4) | (sc3 & 0xF000)
             d = fp16_to_fp32(np.uint16(dh))
             for k in range(16):  # 16 groups of 16 elements, one 3-bit scale each
-                sc = np.int32(_get_u16(blk, 48 + 2 * (k // 4)))
+                sc = np.int32(get_u16(blk, 48 + 2 * (k // 4)))
                 dl = d * f32(2 * ((sc >> (3 * (k % 4))) & 7) + 1)
                 for l in range(2):
                     i = 2 * k + l

@@ -1,8 +1,7 @@
 """K-quants: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-element super-blocks), byte-identical with ggml.
 
 Mirrors ggml/src/ggml-quants.c: ``quantize_row_qX_K_ref`` (no importance weights, ``qw.size == 0``)
-and ``quantize_row_qX_K_impl`` (with them), the search helpers ``make_qx_quants``,
-``make_q3_quants``, ``make_qkx2_quants``, ``make_qkx3_quants``, ``make_qp_quants``,
+and ``quantize_row_qX_K_impl`` (with them) on :mod:`.scale_search`'s searches,
 ``get_scale_min_k4``, and the ``dequantize_row_qX_K`` decoders.
 
 Everything is float32 in the C's operation order: integers are converted with ``f32`` before they
@@ -21,14 +20,26 @@ Block layouts (bytes, ggml-common.h; ``d``/``dmin`` are little-endian fp16)::
 from __future__ import annotations
 
 import numpy as np
+from gguf import QK_K
 from numba import njit, prange
 
-from dynsearch.kernels._fp import f32, fp16_to_fp32, fp32_to_fp16, nearest_int
+from dynsearch.kernels._fp import f32, get_f16, nearest_int, put_f16
 from dynsearch.kernels.registry import register
-from dynsearch.kernels.types import QT
+from dynsearch.kernels.scale_search import (
+    GROUP_MAX_EPS,
+    QKX_BATCH,
+    QX_TRIALS,
+    make_q3_quants,
+    make_qkx2_quants,
+    make_qkx3_quants,
+    make_qp_quants,
+    make_qx_quants,
+)
+from dynsearch.kernels.types import QT, type_info
 
-QK_K = 256
-GROUP_MAX_EPS = f32(1e-15)
+# Bytes per super-block of each type, from the type table.
+BYTES_Q2_K, BYTES_Q3_K, BYTES_Q4_K, BYTES_Q5_K, BYTES_Q6_K = (
+    type_info(t).type_size for t in (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K))
 
 _jit = dict(cache=True, nogil=True, error_model="numpy")
 _F0 = f32(0.0)
@@ -39,19 +50,6 @@ _F1 = f32(1.0)
 # Scalar helpers
 
 
-
-@njit(inline="always", **_jit)
-def _get_f16(y, off):
-    return fp16_to_fp32(np.uint16(y[off]) | (np.uint16(y[off + 1]) << np.uint16(8)))
-
-
-@njit(inline="always", **_jit)
-def _put_f16(y, off, v):
-    h = fp32_to_fp16(v)
-    y[off] = np.uint8(h & np.uint16(0xFF))
-    y[off + 1] = np.uint8(h >> np.uint16(8))
-
-
 @njit(inline="always", **_jit)
 def get_scale_min_k4(j, q):
     """6-bit scale and min of sub-block ``j`` from the 12 packed bytes ``q`` (Q4_K, Q5_K)."""
@@ -60,332 +58,6 @@ def get_scale_min_k4(j, q):
     d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4)
     m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4)
     return np.int32(d), np.int32(m)
-
-
-# ---------------------------------------------------------------------------------------------
-# Scale searches (ggml-quants.c, same names). ``weights``/``qw`` of size 0 stands for C's NULL.
-
-
-@njit(inline="always", **_jit)
-def _qx_weight(qw, i, xi, rmse_type):
-    if qw.shape[0] > 0:
-        return qw[i]
-    if rmse_type == 1:
-        return xi * xi
-    if rmse_type == 2:
-        return _F1
-    if rmse_type == 3:
-        return abs(xi)
-    return np.sqrt(abs(xi))
-
-
-QX_TRIALS = 18  # make_qx_quants tries iscale = -(nmax + 0.1*is)/max for is in -9..9, is != 0
-
-
-@njit(**_jit)
-def make_qx_quants(n, nmax, x, L, rmse_type, qw, tmp):
-    """Symmetric scale search; ``L`` (int8) gets levels in [0, 2*nmax). Returns the scale.
-
-    ``tmp`` is float32 scratch of at least ``2*n + 3*QX_TRIALS`` entries. The 18 trial scales
-    are independent of each other, so their sums are accumulated side by side (each in C's own
-    order, so every sum is bit-identical) and the winner is then picked in C's order.
-    """
-    mx = _F0
-    amax = _F0
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return _F0
-    iscale = f32(-nmax) / mx
-    if rmse_type == 0:
-        for i in range(n):
-            l = nearest_int(iscale * x[i])
-            L[i] = nmax + max(-nmax, min(nmax - 1, l))
-        return _F1 / iscale
-    return_early = False
-    if rmse_type < 0:
-        rmse_type = -rmse_type
-        return_early = True
-    w = tmp[:n]
-    wx = tmp[n:2 * n]
-    sumlx = _F0
-    suml2 = _F0
-    for i in range(n):
-        l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
-        L[i] = l + nmax
-        w[i] = _qx_weight(qw, i, x[i], rmse_type)
-        wx[i] = w[i] * x[i]
-        fl = f32(l)
-        sumlx += wx[i] * fl
-        suml2 += w[i] * fl * fl
-    scale = sumlx / suml2 if suml2 != _F0 else _F0
-    if return_early:
-        return f32(0.5) * (scale + _F1 / iscale) if suml2 > _F0 else _F1 / iscale
-    best = scale * sumlx
-    its = tmp[2 * n:2 * n + QX_TRIALS]
-    slx = tmp[2 * n + QX_TRIALS:2 * n + 2 * QX_TRIALS]
-    sl2 = tmp[2 * n + 2 * QX_TRIALS:2 * n + 3 * QX_TRIALS]
-    for t in range(QX_TRIALS):
-        is_ = t - 9 if t < 9 else t - 8
-        its[t] = -(f32(nmax) + f32(0.1) * f32(is_)) / mx
-        slx[t] = _F0
-        sl2[t] = _F0
-    for i in range(n):
-        xi = x[i]
-        wi = w[i]
-        wxi = wx[i]
-        for t in range(QX_TRIALS):
-            fl = f32(max(-nmax, min(nmax - 1, nearest_int(its[t] * xi))))
-            slx[t] += wxi * fl
-            sl2[t] += wi * fl * fl
-    for t in range(QX_TRIALS):
-        if sl2[t] > _F0 and slx[t] * slx[t] > best * sl2[t]:
-            for i in range(n):
-                L[i] = nmax + max(-nmax, min(nmax - 1, nearest_int(its[t] * x[i])))
-            scale = slx[t] / sl2[t]
-            best = scale * slx[t]
-    return scale
-
-
-@njit(**_jit)
-def make_q3_quants(n, nmax, x, L, do_rmse, tmp):
-    """Q3_K's symmetric search with x**2 weights and coordinate-wise refinement (``L`` int8).
-
-    ``tmp`` is float32 scratch of at least ``2*n`` entries.
-    """
-    mx = _F0
-    amax = _F0
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return _F0
-    iscale = f32(-nmax) / mx
-    if do_rmse:
-        w = tmp[:n]  # x*x and x*x*x, exactly as the C recomputes them
-        wx = tmp[n:2 * n]
-        sumlx = _F0
-        suml2 = _F0
-        for i in range(n):
-            l = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
-            L[i] = l
-            w[i] = x[i] * x[i]
-            wx[i] = w[i] * x[i]
-            sumlx += wx[i] * f32(l)
-            suml2 += w[i] * f32(l) * f32(l)
-        for _ in range(5):
-            n_changed = 0
-            for i in range(n):
-                li = np.int32(L[i])
-                fli = f32(li)
-                slx = sumlx - wx[i] * fli
-                if slx > _F0:
-                    sl2 = suml2 - w[i] * fli * fli
-                    new_l = np.int32(max(-nmax, min(nmax - 1, nearest_int(x[i] * sl2 / slx))))
-                    if new_l != li:
-                        fl = f32(new_l)
-                        slx += wx[i] * fl
-                        sl2 += w[i] * fl * fl
-                        if sl2 > _F0 and slx * slx * suml2 > sumlx * sumlx * sl2:
-                            L[i] = new_l
-                            sumlx = slx
-                            suml2 = sl2
-                            n_changed += 1
-            if n_changed == 0:
-                break
-        for i in range(n):
-            L[i] += nmax
-        return sumlx / suml2 if suml2 > _F0 else _F0
-    for i in range(n):
-        L[i] = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i]))) + nmax
-    return _F1 / iscale
-
-
-QKX_BATCH = 8  # trial scales of make_qkx2_quants evaluated side by side
-
-
-@njit(**_jit)
-def make_qkx2_quants(n, nmax, x, weights, L, tmp, rmin, rdelta, nstep, use_mad):
-    """Asymmetric (scale, min) search over ``nstep + 1`` trial scales; ``L`` uint8.
-
-    Returns ``(scale, the_min)`` where ``the_min`` is C's ``*the_min`` (minus the offset).
-    ``tmp`` is float32 scratch of ``8 * QKX_BATCH`` entries (it replaces C's ``tmp``).
-
-    A trial depends on the earlier ones only through ``min``, which changes when a trial wins.
-    Trials are therefore evaluated ``QKX_BATCH`` at a time assuming ``min`` stays (each sum in
-    C's order, so bit-identical), scanned in C's order, and the batch restarts after a win that
-    moves ``min``.
-    """
-    mn = x[0]
-    mx = x[0]
-    sum_w = weights[0]
-    sum_x = sum_w * x[0]
-    for i in range(1, n):
-        if x[i] < mn:
-            mn = x[i]
-        if x[i] > mx:
-            mx = x[i]
-        w = weights[i]
-        sum_w += w
-        sum_x += w * x[i]
-    if mn > _F0:
-        mn = _F0
-    if mx == mn:
-        for i in range(n):
-            L[i] = 0
-        return _F0, -mn
-    iscale = f32(nmax) / (mx - mn)
-    scale = _F1 / iscale
-    best_error = _F0
-    for i in range(n):
-        li = max(0, min(nmax, nearest_int(iscale * (x[i] - mn))))
-        L[i] = li
-        diff = scale * f32(li) + mn - x[i]
-        diff = abs(diff) if use_mad else diff * diff
-        best_error += weights[i] * diff
-    if nstep < 1:
-        return scale, -mn
-    G = QKX_BATCH
-    its = tmp[0:G]
-    s_l = tmp[G:2 * G]
-    s_l2 = tmp[2 * G:3 * G]
-    s_xl = tmp[3 * G:4 * G]
-    t_scale = tmp[4 * G:5 * G]
-    t_min = tmp[5 * G:6 * G]
-    t_D = tmp[6 * G:7 * G]
-    t_err = tmp[7 * G:8 * G]
-    is0 = 0
-    while is0 <= nstep:
-        g = min(G, nstep + 1 - is0)
-        rng = mx - mn
-        for t in range(g):
-            its[t] = (rmin + rdelta * f32(is0 + t) + f32(nmax)) / rng
-            s_l[t] = _F0
-            s_l2[t] = _F0
-            s_xl[t] = _F0
-        for i in range(n):
-            xi = x[i]
-            xm = xi - mn
-            w = weights[i]
-            for t in range(g):
-                fl = f32(max(0, min(nmax, nearest_int(its[t] * xm))))
-                s_l[t] += w * fl
-                s_l2[t] += w * fl * fl
-                s_xl[t] += w * fl * xi
-        for t in range(g):
-            D = sum_w * s_l2[t] - s_l[t] * s_l[t]
-            this_scale = (sum_w * s_xl[t] - sum_x * s_l[t]) / D
-            this_min = (s_l2[t] * sum_x - s_l[t] * s_xl[t]) / D
-            if this_min > _F0:
-                this_min = _F0
-                this_scale = s_xl[t] / s_l2[t]
-            t_D[t] = D
-            t_scale[t] = this_scale
-            t_min[t] = this_min
-            t_err[t] = _F0
-        for i in range(n):
-            xi = x[i]
-            xm = xi - mn
-            w = weights[i]
-            for t in range(g):
-                fl = f32(max(0, min(nmax, nearest_int(its[t] * xm))))
-                diff = t_scale[t] * fl + t_min[t] - xi
-                diff = abs(diff) if use_mad else diff * diff
-                t_err[t] += w * diff
-        nxt = is0 + g
-        for t in range(g):
-            if t_D[t] > _F0 and t_err[t] < best_error:
-                for i in range(n):
-                    L[i] = max(0, min(nmax, nearest_int(its[t] * (x[i] - mn))))
-                best_error = t_err[t]
-                scale = t_scale[t]
-                moved = t_min[t] != mn
-                mn = t_min[t]
-                if moved:  # later trials of this batch assumed the old min
-                    nxt = is0 + t + 1
-                    break
-        is0 = nxt
-    return scale, -mn
-
-
-@njit(**_jit)
-def make_qkx3_quants(n, nmax, x, weights, L, tmp, rmin, rdelta, nstep, use_mad):
-    """ggml's make_qkx3_quants with non-NULL ``weights`` (the only way the K-quants call it).
-
-    With weights given it is make_qkx2_quants: C's ``max <= min`` test equals ``max == min``
-    because ``min`` is clamped to <= 0 and ``max >= min``.
-    """
-    return make_qkx2_quants(n, nmax, x, weights, L, tmp, rmin, rdelta, nstep, use_mad)
-
-
-@njit(**_jit)
-def make_qp_quants(n, nmax, x, L, quant_weights):
-    """Positive-only scale search for the sub-block scales/mins of the imatrix path (``L`` uint8)."""
-    mx = _F0
-    for i in range(n):
-        mx = mx if mx > x[i] else x[i]
-    if mx < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return _F0
-    iscale = f32(nmax) / mx
-    for i in range(n):
-        L[i] = nearest_int(iscale * x[i])  # stored as uint8, as in the C
-    scale = _F1 / iscale
-    best_mse = _F0
-    for i in range(n):
-        diff = x[i] - scale * f32(L[i])
-        best_mse += quant_weights[i] * diff * diff
-    for is_ in range(-4, 5):
-        if is_ == 0:
-            continue
-        iscale_is = (f32(0.1) * f32(is_) + f32(nmax)) / mx
-        scale_is = _F1 / iscale_is
-        mse = _F0
-        for i in range(n):
-            l = min(nmax, nearest_int(iscale_is * x[i]))
-            diff = x[i] - scale_is * f32(l)
-            mse += quant_weights[i] * diff * diff
-        if mse < best_mse:
-            best_mse = mse
-            iscale = iscale_is
-    sumlx = _F0
-    suml2 = _F0
-    for i in range(n):
-        l = min(nmax, nearest_int(iscale * x[i]))
-        L[i] = l
-        w = quant_weights[i]
-        sumlx += w * x[i] * f32(l)
-        suml2 += w * f32(l) * f32(l)
-    for _ in range(5):
-        n_changed = 0
-        for i in range(n):
-            w = quant_weights[i]
-            li = f32(L[i])
-            slx = sumlx - w * x[i] * li
-            sl2 = suml2 - w * li * li
-            if slx > _F0 and sl2 > _F0:
-                new_l = min(nmax, nearest_int(x[i] * sl2 / slx))
-                if new_l != np.int32(L[i]):
-                    slx += w * x[i] * f32(new_l)
-                    sl2 += w * f32(new_l) * f32(new_l)
-                    if slx * slx * suml2 > sumlx * sumlx * sl2:
-                        L[i] = new_l
-                        sumlx = slx
-                        suml2 = sl2
-                        n_changed += 1
-        if n_changed == 0:
-            break
-    return sumlx / suml2 if suml2 > _F0 else _F0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,8 +92,8 @@ def _quantize_block_q6_K(x, qw, y, L, scales, tmp):
         y[:] = 0
         return
     iscale = f32(-128.0) / max_scale
-    _put_f16(y, 208, _F1 / iscale)
-    d_all = _get_f16(y, 208)
+    put_f16(y, 208, _F1 / iscale)
+    d_all = get_f16(y, 208)
     for ib in range(QK_K // 16):
         y[192 + ib] = np.uint8(min(127, nearest_int(iscale * scales[ib])) & 0xFF)
     for j in range(QK_K // 16):
@@ -454,7 +126,7 @@ def quantize_q6_K(x, qw, out):
         tmp = np.empty(2 * 16 + 3 * QX_TRIALS, dtype=np.float32)
         for i in range(n // QK_K):
             _quantize_block_q6_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
-                                 out[r, 210 * i:210 * (i + 1)], L, scales, tmp)
+                                 out[r, BYTES_Q6_K * i:BYTES_Q6_K * (i + 1)], L, scales, tmp)
 
 
 @njit(parallel=True, **_jit)
@@ -462,9 +134,9 @@ def dequantize_q6_K(data, out):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for i in range(n // QK_K):
-            b = data[r, 210 * i:210 * (i + 1)]
+            b = data[r, BYTES_Q6_K * i:BYTES_Q6_K * (i + 1)]
             y = out[r, QK_K * i:QK_K * (i + 1)]
-            d = _get_f16(b, 208)
+            d = get_f16(b, 208)
             for half in range(2):  # 128 weights: ql[64], qh[32], 8 scales; y = (d * sc) * (q - 32)
                 ql = b[64 * half:64 * half + 64]
                 qh = b[128 + 32 * half:160 + 32 * half]
@@ -508,8 +180,8 @@ def _pack_scale_min_k4(y, off, Ls, Lm):
 def _requantize_k4(x, y, L, nmax):
     """Recompute the levels from the stored fp16 d/dmin and 6-bit scales (Q4_K, Q5_K)."""
     q = y[4:16]
-    d_all = _get_f16(y, 0)
-    m_all = _get_f16(y, 2)
+    d_all = get_f16(y, 0)
+    m_all = get_f16(y, 2)
     for j in range(QK_K // 32):
         sc, m = get_scale_min_k4(j, q)
         d = d_all * f32(sc)
@@ -581,8 +253,8 @@ def _quantize_block_q4_K(x, qw, y, L, tmp, weights, sw, scales, mins, Ls, Lm):
     else:
         d, dmin = _scales_impl_k4(x, qw, L, tmp, weights, sw, scales, mins, Ls, Lm, 15, False)
     _pack_scale_min_k4(y, 4, Ls, Lm)
-    _put_f16(y, 0, d)
-    _put_f16(y, 2, dmin)
+    put_f16(y, 0, d)
+    put_f16(y, 2, dmin)
     _requantize_k4(x, y, L, 15)
     for j in range(0, QK_K, 64):
         q = 16 + j // 2
@@ -604,7 +276,7 @@ def quantize_q4_K(x, qw, out):
         Lm = np.empty(QK_K // 32, dtype=np.uint8)
         for i in range(n // QK_K):
             _quantize_block_q4_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
-                                 out[r, 144 * i:144 * (i + 1)], L, tmp, weights, sw, scales, mins,
+                                 out[r, BYTES_Q4_K * i:BYTES_Q4_K * (i + 1)], L, tmp, weights, sw, scales, mins,
                                  Ls, Lm)
 
 
@@ -613,10 +285,10 @@ def dequantize_q4_K(data, out):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for i in range(n // QK_K):
-            b = data[r, 144 * i:144 * (i + 1)]
+            b = data[r, BYTES_Q4_K * i:BYTES_Q4_K * (i + 1)]
             y = out[r, QK_K * i:QK_K * (i + 1)]
-            d = _get_f16(b, 0)
-            dmin = _get_f16(b, 2)
+            d = get_f16(b, 0)
+            dmin = get_f16(b, 2)
             q = b[4:16]
             for k in range(4):
                 sc, m = get_scale_min_k4(2 * k, q)
@@ -643,8 +315,8 @@ def _quantize_block_q5_K(x, qw, y, L, tmp, weights, sw, scales, mins, Ls, Lm):
     else:
         d, dmin = _scales_impl_k4(x, qw, L, tmp, weights, sw, scales, mins, Ls, Lm, 31, True)
     _pack_scale_min_k4(y, 4, Ls, Lm)
-    _put_f16(y, 0, d)
-    _put_f16(y, 2, dmin)
+    put_f16(y, 0, d)
+    put_f16(y, 2, dmin)
     _requantize_k4(x, y, L, 31)
     for j in range(32):
         y[16 + j] = 0
@@ -680,7 +352,7 @@ def quantize_q5_K(x, qw, out):
         Lm = np.empty(QK_K // 32, dtype=np.uint8)
         for i in range(n // QK_K):
             _quantize_block_q5_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
-                                 out[r, 176 * i:176 * (i + 1)], L, tmp, weights, sw, scales, mins,
+                                 out[r, BYTES_Q5_K * i:BYTES_Q5_K * (i + 1)], L, tmp, weights, sw, scales, mins,
                                  Ls, Lm)
 
 
@@ -689,10 +361,10 @@ def dequantize_q5_K(data, out):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for i in range(n // QK_K):
-            b = data[r, 176 * i:176 * (i + 1)]
+            b = data[r, BYTES_Q5_K * i:BYTES_Q5_K * (i + 1)]
             y = out[r, QK_K * i:QK_K * (i + 1)]
-            d = _get_f16(b, 0)
-            dmin = _get_f16(b, 2)
+            d = get_f16(b, 0)
+            dmin = get_f16(b, 2)
             q = b[4:16]
             for k in range(4):
                 sc, m = get_scale_min_k4(2 * k, q)
@@ -737,8 +409,8 @@ def _finish_block_q3_K(x, y, L, Ls, d_block):
             y[96 + j - 8] |= (l & 0xF) << 4
         l >>= 4
         y[96 + 8 + j % 4] |= (l << (2 * (j // 4))) & 0xFF
-    _put_f16(y, 108, d_block)
-    d_all = _get_f16(y, 108)
+    put_f16(y, 108, d_block)
+    d_all = get_f16(y, 108)
     for j in range(QK_K // 16):
         d = d_all * f32(_q3_scale(y, j))
         if d == _F0:
@@ -812,7 +484,7 @@ def quantize_q3_K(x, qw, out):
         tmp = np.empty(2 * 16 + 3 * QX_TRIALS, dtype=np.float32)
         for i in range(n // QK_K):
             _quantize_block_q3_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
-                                 out[r, 110 * i:110 * (i + 1)], L, Ls, weight, sw, scales, tmp)
+                                 out[r, BYTES_Q3_K * i:BYTES_Q3_K * (i + 1)], L, Ls, weight, sw, scales, tmp)
 
 
 @njit(parallel=True, **_jit)
@@ -820,9 +492,9 @@ def dequantize_q3_K(data, out):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for i in range(n // QK_K):
-            b = data[r, 110 * i:110 * (i + 1)]
+            b = data[r, BYTES_Q3_K * i:BYTES_Q3_K * (i + 1)]
             y = out[r, QK_K * i:QK_K * (i + 1)]
-            d_all = _get_f16(b, 108)
+            d_all = get_f16(b, 108)
             for half in range(2):
                 for k in range(4):
                     shift = 2 * k
@@ -843,8 +515,8 @@ def dequantize_q3_K(data, out):
 @njit(**_jit)
 def _finish_block_q2_K(x, y, L):
     """Requantize from the stored d/dmin/scales (bytes 0..16, 80..84) and pack the 2-bit levels."""
-    d_all = _get_f16(y, 80)
-    m_all = _get_f16(y, 82)
+    d_all = get_f16(y, 80)
+    m_all = get_f16(y, 82)
     for j in range(QK_K // 16):
         d = d_all * f32(y[j] & 0xF)
         if d == _F0:
@@ -878,18 +550,18 @@ def _quantize_block_q2_K(x, qw, y, L, tmp, weights, sw, scales, mins, Ls, Lm):
             iscale = q4scale / max_scale
             for j in range(QK_K // 16):
                 y[j] = nearest_int(iscale * scales[j]) & 0xFF
-            _put_f16(y, 80, max_scale / q4scale)
+            put_f16(y, 80, max_scale / q4scale)
         else:
             for j in range(QK_K // 16):
                 y[j] = 0
-            _put_f16(y, 80, _F0)
+            put_f16(y, 80, _F0)
         if max_min > _F0:
             iscale = q4scale / max_min
             for j in range(QK_K // 16):
                 y[j] |= (nearest_int(iscale * mins[j]) << 4) & 0xFF
-            _put_f16(y, 82, max_min / q4scale)
+            put_f16(y, 82, max_min / q4scale)
         else:
-            _put_f16(y, 82, _F0)
+            put_f16(y, 82, _F0)
     else:  # quantize_row_q2_K_impl
         sumx2 = _F0
         for j in range(QK_K):
@@ -908,8 +580,8 @@ def _quantize_block_q2_K(x, qw, y, L, tmp, weights, sw, scales, mins, Ls, Lm):
                                                   f32(-0.9), f32(0.05), 36, False)
         dm = make_qp_quants(QK_K // 16, 15, scales, Ls, sw)
         mm = make_qp_quants(QK_K // 16, 15, mins, Lm, sw)
-        _put_f16(y, 80, dm)
-        _put_f16(y, 82, mm)
+        put_f16(y, 80, dm)
+        put_f16(y, 82, mm)
         for j in range(QK_K // 16):
             y[j] = (np.int32(Ls[j]) | (np.int32(Lm[j]) << 4)) & 0xFF
     _finish_block_q2_K(x, y, L)
@@ -929,7 +601,7 @@ def quantize_q2_K(x, qw, out):
         Lm = np.empty(QK_K // 16, dtype=np.uint8)
         for i in range(n // QK_K):
             _quantize_block_q2_K(x[r, QK_K * i:QK_K * (i + 1)], _block_qw(qw, i),
-                                 out[r, 84 * i:84 * (i + 1)], L, tmp, weights, sw, scales, mins,
+                                 out[r, BYTES_Q2_K * i:BYTES_Q2_K * (i + 1)], L, tmp, weights, sw, scales, mins,
                                  Ls, Lm)
 
 
@@ -938,10 +610,10 @@ def dequantize_q2_K(data, out):
     n_rows, n = out.shape
     for r in prange(n_rows):
         for i in range(n // QK_K):
-            b = data[r, 84 * i:84 * (i + 1)]
+            b = data[r, BYTES_Q2_K * i:BYTES_Q2_K * (i + 1)]
             y = out[r, QK_K * i:QK_K * (i + 1)]
-            d = _get_f16(b, 80)
-            dmin = _get_f16(b, 82)
+            d = get_f16(b, 80)
+            dmin = get_f16(b, 82)
             for j in range(QK_K // 16):  # sub-block j: 16 weights, bits 2*((j//2)%4) of qs
                 sc = b[j]
                 dl = d * f32(sc & 0xF)
