@@ -32,7 +32,7 @@ import numpy as np
 
 from dynsearch.atomic import atomic_write_bytes, atomic_write_text
 from dynsearch.errors import BenchError
-from dynsearch.kernels import tensor_nbytes
+from dynsearch.kernels import padded, tensor_nbytes
 from dynsearch.objectives import calibration as cal
 from dynsearch.objectives.kl import perplexity_chunks
 from dynsearch.bench import stock
@@ -302,7 +302,6 @@ def write_assignment(s: Searches, choice: np.ndarray, path: Path, kind: str, bud
     from dynsearch import __version__
     from dynsearch.recipes import schema
     from dynsearch.recipes.apply import ImatrixFile, apply_recipe
-    from dynsearch.search.profile import padded
 
     prep = s.prep
     assignment = {**prep.fixed, **prep.space.assignment(choice)}

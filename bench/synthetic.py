@@ -28,9 +28,9 @@ import numpy as np
 
 from dynsearch.atomic import atomic_path
 from dynsearch.errors import BenchError
-from dynsearch.kernels import QT
+from dynsearch.kernels import QT, quantize_tensor
 from dynsearch.objectives.io.gguf_header import GGUFHeader
-from dynsearch.objectives.io.gguf_write import TensorOut, copy_metadata, encode, write_tensors
+from dynsearch.objectives.io.gguf_write import TensorOut, copy_metadata, write_tensors
 
 VT = gguf.GGUFValueType
 
@@ -165,7 +165,7 @@ def write_synthetic_model(dst: str | Path, shape: Shape = SMOLLM2_135M, seed: in
             # routers stay F32, as llama-quantize leaves them
             qt = dtype if len(shp) >= 2 and not name.endswith("ffn_gate_inp.weight") else QT.F32
             outs.append(TensorOut(name, shp, qt, lambda n=name, s=shp, sc=scale, o=offset, q=qt:
-                                  encode(_draw(n, s, sc, o, seed, shape.dead_experts, moe), q)))
+                                  quantize_tensor(_draw(n, s, sc, o, seed, shape.dead_experts, moe), q)))
         write_tensors(writer, outs)
     return dst
 

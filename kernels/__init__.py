@@ -4,6 +4,7 @@ Public API::
 
     quantize(rows, qtype, imatrix=None) -> uint8 (n_rows, row_bytes)
     dequantize(data, qtype, n_per_row)  -> float32 (n_rows, n_per_row)
+    quantize_tensor(w, qtype, importance=None) -> what GGUF stores for a whole tensor
 
 ``qtype`` is a ``gguf.GGMLQuantizationType``, its name (``"Q4_K"``) or id.
 """
@@ -19,10 +20,13 @@ from dynsearch.kernels.registry import (
     quantizable_types,
     quantize,
 )
+from dynsearch.kernels.tensor import quantize_tensor
 from dynsearch.kernels.types import (
+    GGUF_ALIGNMENT,
     QT,
     TypeInfo,
     effective_type,
+    padded,
     parse_qtype,
     row_nbytes,
     tensor_nbytes,
@@ -30,6 +34,7 @@ from dynsearch.kernels.types import (
 )
 
 __all__ = [
-    "QT", "TypeInfo", "dequantizable_types", "dequantize", "effective_type", "kernel",
-    "parse_qtype", "quantizable_types", "quantize", "row_nbytes", "tensor_nbytes", "type_info",
+    "GGUF_ALIGNMENT", "QT", "TypeInfo", "dequantizable_types", "dequantize", "effective_type", "kernel",
+    "padded", "parse_qtype", "quantizable_types", "quantize", "quantize_tensor", "row_nbytes",
+    "tensor_nbytes", "type_info",
 ]

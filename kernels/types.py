@@ -1,10 +1,10 @@
-"""The one table of GGUF tensor types the project uses.
+"""The one table of GGUF tensor types the project uses, and the sizes derived from it.
 
 Block layouts (elements per block, bytes per block) come from gguf-py's ``GGML_QUANT_SIZES``; this
-module adds what the search needs on top: whether a row must be a multiple of 256 (the K- and
-I-quants), llama.cpp's fallback when a tensor's rows do not fit the block
-(``tensor_type_fallback`` in ``src/llama-quant.cpp``), and whether ggml insists on an importance
-matrix. Every byte size in the project comes from :func:`row_nbytes` / :func:`tensor_nbytes`.
+module adds what the search needs on top: llama.cpp's fallback when a tensor's rows do not fit the
+block (``tensor_type_fallback`` in ``src/llama-quant.cpp``), whether ggml insists on an importance
+matrix, and the alignment every tensor's data is padded to in a GGUF file. Every byte size in the
+project comes from :func:`row_nbytes` / :func:`tensor_nbytes` / :func:`padded`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Iterable
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
 
 QT = GGMLQuantizationType
+GGUF_ALIGNMENT = GGUF_DEFAULT_ALIGNMENT  # bytes; llama.cpp pads every tensor's data to this (general.alignment)
 
 # llama.cpp's fallback for tensors whose row length is not a multiple of the block size
 # (src/llama-quant.cpp: tensor_type_fallback). When the fallback does not fit either, F16 is used.
@@ -47,11 +48,6 @@ class TypeInfo:
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.type_size / self.block_size
-
-    @property
-    def needs_256(self) -> bool:
-        """True for the 256-wide super-block types (K- and I-quants)."""
-        return self.block_size == 256
 
     def fits(self, n_per_row: int) -> bool:
         return n_per_row % self.block_size == 0
@@ -123,3 +119,8 @@ def tensor_nbytes(shape: Iterable[int], qtype: QT | str, *, fallback: bool = Fal
         n_rows *= d
     qt = effective_type(qtype, n_per_row) if fallback else parse_qtype(qtype)
     return n_rows * row_nbytes(qt, n_per_row)
+
+
+def padded(nbytes: int, alignment: int = GGUF_ALIGNMENT) -> int:
+    """``nbytes`` rounded up to a multiple of ``alignment``: the room a tensor's data takes in a GGUF file."""
+    return -(-nbytes // alignment) * alignment

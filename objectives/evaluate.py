@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from dynsearch.kernels import dequantize
+from dynsearch.kernels import dequantize, quantize_tensor
 from dynsearch.objectives.kl import KLAccumulator, mean_kl
 from dynsearch.system import memory_limit
 
@@ -84,8 +84,6 @@ class QuantizedWeights(Mapping):
         self.cache = cache
 
     def _quantized(self, name: str, qtype: str) -> np.ndarray:
-        from dynsearch.search.profile import quantize_tensor
-
         return quantize_tensor(self.source.load(name), qtype, self.importance(name))
 
     def __getitem__(self, name: str) -> np.ndarray:

@@ -27,8 +27,8 @@ import numpy as np
 
 from dynsearch.atomic import atomic_path, check_output
 from dynsearch.errors import ModelError, RecipeError
-from dynsearch.kernels import QT, kernel, parse_qtype, quantizable_types, type_info
-from dynsearch.objectives.io.gguf_write import TensorOut, encode, metadata_writer, write_tensors
+from dynsearch.kernels import QT, kernel, parse_qtype, quantizable_types, quantize_tensor, type_info
+from dynsearch.objectives.io.gguf_write import TensorOut, metadata_writer, write_tensors
 from dynsearch.objectives.io.imatrix import ImatrixData, ImatrixFormatError, read_imatrix
 from dynsearch.recipes import llama_quant
 from dynsearch.recipes.schema import Recipe
@@ -145,7 +145,7 @@ def plan_tensors(recipe: Recipe, src, importance: Importance = None) -> list[Ten
 
 def _encode(src, name: str, qtype: QT, importance: np.ndarray | None) -> np.ndarray:
     try:
-        return encode(src.load(name), qtype, importance)
+        return quantize_tensor(src.load(name), qtype, importance)
     except ValueError as e:  # e.g. NaN weights
         raise ModelError(f"{src.path.name}: cannot quantize {name} to {qtype.name}: {e}") from None
 

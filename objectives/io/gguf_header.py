@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from dynsearch.errors import GGUFError
+from dynsearch.kernels.types import GGUF_ALIGNMENT, padded, type_info
 
 GGUF_MAGIC = b"GGUF"
-DEFAULT_ALIGNMENT = 32
 MAX_STRING_BYTES = 1 << 30  # GGUF_MAX_STRING_LENGTH
 MAX_ARRAY_ELEMENTS = 1 << 30  # GGUF_MAX_ARRAY_ELEMENTS
 MAX_NAME_BYTES = 63  # GGML_MAX_NAME - 1: a tensor name is a C string of 64 bytes with its NUL
@@ -57,7 +57,6 @@ _FORMATS = {  # struct format of each scalar value type (BOOL: one byte, nonzero
     GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
 _SCALARS = {t: struct.Struct(f) for t, f in _FORMATS.items()}
-_GGML_TYPES = {int(qt): (qt, *GGML_QUANT_SIZES[qt]) for qt in GGMLQuantizationType if qt in GGML_QUANT_SIZES}
 _DTYPES = {t: np.dtype(f) for t, f in _FORMATS.items()}
 
 
@@ -91,10 +90,6 @@ def _describe(what: str | tuple) -> str:
         return what
     label, name, *detail = what
     return f"{label} {f'#{name}' if isinstance(name, int) else _show(name)}{''.join(detail)}"
-
-
-def _pad(n: int, align: int) -> int:
-    return -(-n // align) * align
 
 
 _NESTED = "arrays of arrays are not supported (nesting depth is capped at 1)"
@@ -226,7 +221,7 @@ class GGUFHeader:
         self.fields = self._read_fields(cur, n_kv)
         self.alignment = self._alignment(cur)
         infos = self._read_tensor_infos(cur, n_tensors)
-        data_start = _pad(cur.pos, self.alignment) if n_tensors else cur.pos
+        data_start = padded(cur.pos, self.alignment) if n_tensors else cur.pos
         if data_start > cur.end:
             raise cur.error(f"truncated: the tensor data would start at byte {data_start} of {cur.end}")
         self.data_start = data_start
@@ -253,7 +248,7 @@ class GGUFHeader:
     def _alignment(self, cur: _Cursor) -> int:
         f = self.fields.get("general.alignment")
         if f is None:
-            return DEFAULT_ALIGNMENT
+            return GGUF_ALIGNMENT
         if f.vtype != GGUFValueType.UINT32:
             raise cur.error(f"general.alignment must be a UINT32, not {f.vtype.name}")
         if f.value == 0 or f.value & (f.value - 1):
@@ -284,14 +279,14 @@ class GGUFHeader:
                 raise cur.error(f"tensor {_show(name)} shape {tuple(ne)} has more than 2**63-1 elements")
             raw_type = cur.take(_I32, ("tensor", name, " (type)"))
             try:
-                qt, block, size = _GGML_TYPES[raw_type]
-            except KeyError:
+                info = type_info(raw_type)
+            except ValueError:
                 raise cur.error(f"tensor {_show(name)} has unknown GGML type {raw_type}") from None
-            if ne[0] % block:
+            if ne[0] % info.block_size:
                 raise cur.error(f"tensor {_show(name)} rows of {ne[0]} are not a multiple of "
-                                f"{qt.name}'s block size {block}")
+                                f"{info.name}'s block size {info.block_size}")
             offset = cur.take(_U64, ("tensor", name, " (data offset)"))
-            infos.append((name, tuple(reversed(ne)), qt, offset, n // block * size))
+            infos.append((name, tuple(reversed(ne)), info.qtype, offset, n // info.block_size * info.type_size))
         return infos
 
     def _place(self, cur: _Cursor, infos: list[tuple], data_start: int) -> dict[str, TensorInfo]:
@@ -306,7 +301,7 @@ class GGUFHeader:
                 raise cur.error(f"tensor {_show(name)} data ({nbytes} bytes at byte {data_start + offset}) "
                                 f"extends past the end of the file ({cur.end} bytes)")
             tensors[name] = TensorInfo(name, shape, qt, data_start + offset, nbytes)
-            expected += _pad(nbytes, self.alignment)
+            expected += padded(nbytes, self.alignment)
         return tensors
 
     def get(self, key: str, default: Any = None) -> Any:

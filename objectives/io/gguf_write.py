@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
-from dynsearch.kernels import QT, parse_qtype, quantize, tensor_nbytes
+from dynsearch.kernels import QT, parse_qtype, quantize_tensor, tensor_nbytes
 from dynsearch.kernels import dequantize as _kernels_dequantize
 
 from dynsearch.errors import ModelError
@@ -64,20 +64,6 @@ def metadata_writer(path: str | Path, header: GGUFHeader,
     return writer
 
 
-def encode(w: np.ndarray, qtype: QT | str, importance: np.ndarray | None = None) -> np.ndarray:
-    """float32 (..., n_per_row) -> the data GGUF stores for ``qtype``: float32 for F32, else blocks.
-
-    ``importance`` is one vector per matrix, (n_mat, n_per_row), where n_mat is the number of
-    experts of a 3-D tensor (each expert is quantized with its own, as llama-quantize does) or 1.
-    """
-    if parse_qtype(qtype) == QT.F32:
-        return np.ascontiguousarray(w, dtype=np.float32)
-    if importance is None:
-        return quantize(w.reshape(-1, w.shape[-1]), qtype)
-    mats = w.reshape(importance.shape[0], -1, w.shape[-1])
-    return np.concatenate([quantize(m, qtype, imp) for m, imp in zip(mats, importance)])
-
-
 def write_tensors(writer: gguf.GGUFWriter, tensors: Sequence[TensorOut], desc: str = "",
                   progress: bool = False) -> None:
     """Write the tensor infos and then the data, one tensor at a time in the order given (each
@@ -121,7 +107,7 @@ def write_dequantized_copy(src: str | Path, dst: str | Path, dtype: QT | str = Q
     out = []
     for n, t in header.tensors.items():
         tq = _float_type(qt, t.shape)
-        out.append(TensorOut(n, t.shape, tq, lambda n=n, tq=tq: encode(load(n), tq)))
+        out.append(TensorOut(n, t.shape, tq, lambda n=n, tq=tq: quantize_tensor(load(n), tq)))
     write_tensors(writer, out)
     return dst
 
@@ -140,6 +126,6 @@ def write_model(dst: str | Path, arch: str, metadata: GGUFHeader | None,
         if vtype == gguf.GGUFValueType.ARRAY:
             value, sub = value  # (values, element type)
         writer.add_key_value(key, value, vtype, sub_type=sub)
-    write_tensors(writer, [TensorOut(n, tuple(a.shape), QT.F32, lambda a=a: encode(a, QT.F32))
+    write_tensors(writer, [TensorOut(n, tuple(a.shape), QT.F32, lambda a=a: quantize_tensor(a, QT.F32))
                            for n, a in tensors.items()])
     return dst

@@ -192,12 +192,11 @@ def tiny_searches(tmp_path_factory):
     imatrix file, as ``prepare_searches`` would make it for two budgets (one stock mix, one sweep point)."""
     from types import SimpleNamespace
 
-    from dynsearch.kernels import tensor_nbytes
+    from dynsearch.kernels import padded, tensor_nbytes
     from dynsearch.objectives.io.gguf_source import GGUFSource
     from dynsearch.objectives.io.imatrix import ImatrixData, ImatrixEntry, write_imatrix
     from dynsearch.bench.synthetic import Shape, write_synthetic_model
     from dynsearch.search.budget import parse_budget
-    from dynsearch.search.profile import padded
     from dynsearch.search.space import SearchSpace, layer_groups
 
     d = tmp_path_factory.mktemp("baselines")

@@ -8,7 +8,7 @@ import torch
 
 from dynsearch import kernels as K
 from dynsearch.objectives.stats.store import TensorStats
-from dynsearch.search.profile import ProfileCache, padded, profile_tensor, quant_error
+from dynsearch.search.profile import ProfileCache, profile_tensor, quant_error
 
 
 def test_quant_error_matches_brute_force():
@@ -32,7 +32,7 @@ def test_profile_applies_fallback_and_orders_errors():
     w = np.random.default_rng(1).standard_normal((8, 576)).astype(np.float32)
     written, sizes, errors = profile_tensor(w, ["Q4_K", "Q6_K", "Q8_0", "Q2_K"], TensorStats())
     assert written == ["Q5_0", "Q8_0", "Q8_0", "Q4_0"]
-    assert sizes.tolist() == [padded(K.tensor_nbytes(w.shape, t)) for t in written]
+    assert sizes.tolist() == [K.padded(K.tensor_nbytes(w.shape, t)) for t in written]
     assert errors[1] == errors[2]  # the same written type, measured once
     assert errors[2] < errors[0] < errors[3]
 
