@@ -13,8 +13,8 @@ model.
 The step is read from the source block's own scale: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: the block's
 ``d`` (32 weights); Q2_K .. Q6_K: the sub-block's ``d * scale`` (16 or 32 weights). The noise has
 the distribution of the rounding error of a uniform quantizer of that step (variance step**2 / 12):
-the dithered model is one full-precision model that rounds to the source, about as far from it as
-the source is from its own lost original. Tensors of other types (norms, F16/BF16 matrices) are
+the dithered model is one of the full-precision models that round, on the source's own grids, to
+the source, about as far from it as the source is from its lost original. Tensors of other types (norms, F16/BF16 matrices) are
 copied; every matrix is written as F32 (or BF16: its rounding adds to the noise), vectors as F32,
 all metadata is copied, ``general.file_type`` says F32/BF16, and ``dynsearch.dither.seed`` and
 ``dynsearch.dither.source_file_type`` record the dither. The noise of a tensor depends only on the
@@ -34,9 +34,9 @@ from gguf.quants import Q4_K
 
 from dynsearch.atomic import atomic_path
 from dynsearch.errors import ModelError
-from dynsearch.kernels import QT, dequantize, type_info
+from dynsearch.kernels import QT, dequantize, quantize_tensor, type_info
 from dynsearch.objectives.io.gguf_source import GGUFSource
-from dynsearch.objectives.io.gguf_write import TensorOut, encode, metadata_writer, write_tensors
+from dynsearch.objectives.io.gguf_write import TensorOut, metadata_writer, write_tensors
 from dynsearch.objectives.io.resolve import resolve_model
 
 SEED_KEY = "dynsearch.dither.seed"
@@ -166,7 +166,7 @@ def dither_model(src: str | Path, dst: str | Path, seed: int, dtype: QT = QT.F32
     for n in source.names():
         shape = source.shape(n)
         qt = dtype if len(shape) > 1 else QT.F32  # vectors (norms, biases) stay F32, as llama.cpp keeps them
-        tensors.append(TensorOut(n, shape, qt, lambda n=n, qt=qt: encode(load(n), qt)))
+        tensors.append(TensorOut(n, shape, qt, lambda n=n, qt=qt: quantize_tensor(load(n), qt)))
     with atomic_path(dst) as tmp:
         writer = metadata_writer(tmp, source.header,
                                  keep=lambda k: k != "general.file_type" and k not in (SEED_KEY, SOURCE_TYPE_KEY))

@@ -17,9 +17,9 @@ from dynsearch.bench.__main__ import main as bench_main
 from dynsearch.bench.dither import DITHERABLE, SEED_KEY, SOURCE_TYPE_KEY, block_steps, dither_model
 from dynsearch.bench.synthetic import Shape, write_synthetic_model
 from dynsearch.errors import ModelError
-from dynsearch.kernels import QT, dequantize, quantize, type_info
+from dynsearch.kernels import QT, dequantize, quantize, quantize_tensor, type_info
 from dynsearch.objectives.io.gguf_source import GGUFSource
-from dynsearch.objectives.io.gguf_write import TensorOut, encode, metadata_writer, write_tensors
+from dynsearch.objectives.io.gguf_write import TensorOut, metadata_writer, write_tensors
 
 # the largest quant a sub-block's grid spans, in steps (ggml's bits per quant: 2**bits - 1;
 # Q8_0 stores -128..127, its quantizer uses -127..127)
@@ -47,7 +47,7 @@ def _write_quantized(dst, f32_path, types: dict[str, QT], data=None):
     writer = metadata_writer(dst, src.header, keep=lambda k: k != "general.file_type")
     writer.add_file_type(int(LlamaFileType.MOSTLY_Q4_K_M))
     write_tensors(writer, [TensorOut(n, src.shape(n), types.get(n, QT.F32),
-                                     lambda n=n: data[n] if n in data else encode(src.load(n), types.get(n, QT.F32)))
+                                     lambda n=n: data[n] if n in data else quantize_tensor(src.load(n), types.get(n, QT.F32)))
                            for n in src.names()])
     return dst
 
