@@ -4,7 +4,7 @@ each stock mix's size and for baselines.
 
 Inputs, identical for every file:
 
-- reference: the model dequantized to an F32 GGUF (``objectives.bench_forward.f32_copy``);
+- reference: the model dequantized to an F32 GGUF (:func:`dynsearch.bench.forward.f32_copy`);
 - calibration: ``load_calibration`` tokens (the shipped chat-format set, or ``--calib``), written
   back as text and given to ``llama-imatrix --parse-special``, which re-tokenizes it to the same ids
   (checked) -- the llama.cpp workflow, and the tokens ``dynsearch run`` collects its imatrix on;
@@ -29,16 +29,29 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dynsearch.atomic import atomic_write_bytes, atomic_write_text
+from dynsearch.bench import stock
+from dynsearch.bench.forward import f32_copy
+from dynsearch.bench.report import Entry, format_comparison, format_table, plot_pareto, write_json
 from dynsearch.errors import BenchError
 from dynsearch.kernels import padded, tensor_nbytes
 from dynsearch.objectives import calibration as cal
-from dynsearch.objectives.kl import perplexity_chunks
-from dynsearch.bench import stock
-from dynsearch.bench.report import Entry, format_comparison, format_table, plot_pareto, write_json
+from dynsearch.objectives.compare import compare_files
+from dynsearch.objectives.io.gguf_header import GGUFHeader
 from dynsearch.objectives.io.resolve import DEMO_ALIAS, resolve_model
-from dynsearch.search.run.pipeline import DEFAULT_TYPES
+from dynsearch.objectives.kl import perplexity_chunks
+from dynsearch.objectives.tokenizer import Tokenizer
+from dynsearch.recipes import schema
+from dynsearch.recipes.apply import ImatrixFile, apply_recipe
+from dynsearch.search.profile import model_fingerprint
+from dynsearch.search.run import pipeline, worker
+from dynsearch.search.run.config import DEFAULT_TYPES, RunConfig
+from dynsearch.search.run.prepare import Prepared, RunModel
+from dynsearch.search.run.prepare import prepare as prepare_run  # this module's prepare() makes the Inputs
+from dynsearch.search.run.proxy_check import random_feasible
+from dynsearch.search.space import choice_key
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +82,7 @@ class BenchConfig:
     sweep: int = 0  # dynsearch also at this many sizes between the smallest and largest stock mix
     n_random: int = 3  # random feasible assignments per stock mix size ("random" baseline)
     run_eval_tokens: int = 1_024  # held-out tokens of each run's own recipe figure (the bench measures the file)
-    out: str = "bench"  # folder for table, JSON and plot (files in the cache stay there)
+    out: str = "runs/bench"  # folder for JSON and plot (not bench/, the package; files in the cache stay there)
     cache: str | None = None  # artifact cache root; None: $DYNSEARCH_CACHE/bench
 
 
@@ -139,10 +152,6 @@ def read_tool_text(path: Path) -> str:
 
 def prepare(cfg: BenchConfig) -> Inputs:
     """Reference, imatrix and KL base of ``cfg.model``, and the evaluation chunks (all cached)."""
-    from dynsearch.bench.forward import f32_copy
-    from dynsearch.objectives.tokenizer import Tokenizer
-    from dynsearch.search.run.pipeline import model_fingerprint
-
     model = resolve_model(cfg.model)
     if not model.is_file() or model.suffix != ".gguf":
         raise BenchError(f"{model}: the quality benchmark needs a GGUF file (llama.cpp's tools read GGUF)")
@@ -197,8 +206,6 @@ def prepare(cfg: BenchConfig) -> Inputs:
 
 def file_entry(path: Path, label: str, kind: str, target: str | None = None, note: str = "") -> Entry:
     """An :class:`Entry` for a GGUF file with its size and bpw (tensor bytes * 8 / weights)."""
-    from dynsearch.objectives.io.gguf_header import GGUFHeader
-
     hdr = GGUFHeader(path)
     nbytes = sum(tensor_nbytes(t.shape, t.qtype) for t in hdr.tensors.values())
     n = sum(int(np.prod(t.shape)) for t in hdr.tensors.values())
@@ -241,7 +248,7 @@ def budget_spec(file_bytes: int) -> str:
 class Searches:
     """The dynsearch side: one prepared run (statistics and profiles shared) over every budget."""
 
-    prep: object  # pipeline.Prepared
+    prep: Prepared
     labels: list[str]  # per budget: the stock mix it is sized for, or "<size>MB" for a sweep point
     targets: list[str | None]  # per budget: the stock mix's label, None for a sweep point
     imatrix: Path  # the run's imatrix.gguf: every dynsearch, knapsack and random file is written with it
@@ -252,41 +259,37 @@ def prepare_searches(inp: Inputs, cfg: BenchConfig, targets: dict[str, int], swe
     """``dynsearch run``'s preparation on the reference at the stock sizes and the sweep sizes:
     the same calibration tokens as the stock mixes' imatrix (checked), candidate types without the
     source format."""
-    from dynsearch.search.run.pipeline import RunConfig, prepare, write_run_imatrix
-
     types = tuple(t for t in (cfg.types or DEFAULT_TYPES) if t != cfg.source_format)
     sizes = [*targets.values(), *sweep]
-    rc = RunConfig(model=str(inp.ref), budgets=tuple(budget_spec(b) for b in sizes), types=types,
-                   calib=cfg.calib, calib_tokens=cfg.calib_tokens, eval_tokens=cfg.run_eval_tokens,
-                   seq_len=cfg.seq_len, trials=cfg.trials, seed=cfg.seed, device=cfg.device,
-                   out=str(Path(cfg.out) / "dynsearch"))
-    prep = prepare(rc, progress)
+    rc = RunConfig.parse(str(inp.ref), [budget_spec(b) for b in sizes], types,
+                         calib=cfg.calib, calib_tokens=cfg.calib_tokens, eval_tokens=cfg.run_eval_tokens,
+                         seq_len=cfg.seq_len, trials=cfg.trials, seed=cfg.seed, device=cfg.device,
+                         out=str(Path(cfg.out) / "dynsearch"))
+    if len(rc.budgets) != len(sizes):  # a repeated budget is searched once: labels would shift
+        raise BenchError(f"two of the sizes to search are equal: {sorted(sizes)} bytes")
+    prep = prepare_run(rc, RunModel.open(rc.model), progress)
     if prep.calib_desc["sha256"] != inp.meta["calibration"]["tokens_sha256"]:
         raise BenchError("dynsearch run's calibration tokens differ from the ones the stock mixes' imatrix was made on")
     labels = [*targets, *(f"{b / 1e6:.1f}MB" for b in sweep)]
-    return Searches(prep, labels, [*targets, *([None] * len(sweep))], write_run_imatrix(prep))
+    return Searches(prep, labels, [*targets, *([None] * len(sweep))], pipeline.write_run_imatrix(prep))
 
 
-def _recipe_stem(prep, i: int) -> Path:
-    from dynsearch.search.run.pipeline import _slug
-
-    return prep.run_dir / f"{_slug(prep.model_path.stem)}-{_slug(prep.budgets[i].spec)}"
+def _recipe_stem(prep: Prepared, i: int) -> Path:
+    return prep.run_dir / pipeline.recipe_name(prep.model_path, prep.cfg.budgets[i])
 
 
 def dynsearch_at_sizes(s: Searches, progress: bool = True) -> list[Entry]:
     """Search every budget (the study resumes) and write its recipe and GGUF, as ``dynsearch run``
     does; a budget whose study gained no trial and whose GGUF exists is taken as it is."""
-    from dynsearch.search.run import worker
-    from dynsearch.search.run.pipeline import RunResult, finish_budget, open_budget_study
-
     prep, out = s.prep, []
-    result = RunResult(imatrix_path=s.imatrix)
+    result = pipeline.RunResult(imatrix_path=s.imatrix)
+    storage = pipeline.open_run_storage(prep.cfg, prep.model_path)
     for i, (label, target) in enumerate(zip(s.labels, s.targets)):
-        study = open_budget_study(prep, i)
+        study = worker.open_budget_study(prep, storage, i)
         ran = worker.work(study, prep.space, prep.settings(i), prep.kl_of, progress=progress)
         gguf = _recipe_stem(prep, i).with_suffix(".gguf")
         if ran or not gguf.is_file():
-            finish_budget(prep, i, study, result, progress)
+            pipeline.finish_budget(prep, i, study, result, progress)
             gguf = result.gguf_paths[-1]
         out.append(file_entry(gguf, f"dynsearch@{label}", "dynsearch", target=target))
     return out
@@ -297,31 +300,20 @@ def write_assignment(s: Searches, choice: np.ndarray, path: Path, kind: str, bud
     as ``dynsearch apply`` writes a recipe, with the run's imatrix; kept if it exists."""
     if path.is_file():
         return path
-    import datetime as _dt
-
-    from dynsearch import __version__
-    from dynsearch.recipes import schema
-    from dynsearch.recipes.apply import ImatrixFile, apply_recipe
-
     prep = s.prep
     assignment = {**prep.fixed, **prep.space.assignment(choice)}
     assignment = {n: assignment[n] for n in prep.names}
     tensor_bytes = sum(padded(tensor_nbytes(prep.source.shape(n), t)) for n, t in assignment.items())
     n_params = int(sum(int(np.prod(prep.source.shape(n))) for n in prep.names))
-    budget = prep.budgets[budget_index]
-    recipe = schema.Recipe(
-        name=f"{kind}-{budget.spec}", model=schema.ModelInfo(prep.model_path.stem, prep.source.config.arch,
-                                                             prep.model_key, n_params),
-        tensors=assignment, budget={"spec": budget.spec, "bytes": budget.file_bytes, "bpw": budget.bpw},
-        achieved={"tensor_bytes": tensor_bytes, "bpw": round(8.0 * tensor_bytes / n_params, 4)},
-        calibration=prep.calib_desc, search={"baseline": kind, "proxy": prep.space.proxy_of(choice)},
-        created=_dt.date.today().isoformat(), dynsearch_version=__version__)
+    budget = prep.cfg.budgets[budget_index]
+    recipe = schema.from_assignment(
+        f"{kind}-{budget.spec}", schema.ModelInfo(prep.model_path.stem, prep.source.config.arch, prep.model_key,
+                                                  n_params),
+        assignment, tensor_bytes, budget, prep.calib_desc, {"baseline": kind, "proxy": prep.space.proxy_of(choice)})
     return apply_recipe(recipe, prep.model_path, path, importance=ImatrixFile.read(s.imatrix), progress=False)
 
 
 def _assignment_path(inp: Inputs, s: Searches, kind: str, choice: np.ndarray) -> Path:
-    from dynsearch.search.space import choice_key
-
     return inp.cache.path(kind, choice_key(choice), stock.file_sha256(s.imatrix), s.prep.space.fingerprint(),
                           suffix=".gguf")
 
@@ -345,8 +337,6 @@ def knapsack_baseline(inp: Inputs, s: Searches, dyn: list[Entry]) -> list[Entry]
 
 
 def _assignment_of(path: Path, prep) -> dict[str, str]:
-    from dynsearch.objectives.io.gguf_header import GGUFHeader
-
     searched = set(prep.space.names)
     return {n: t.qtype.name for n, t in GGUFHeader(path).tensors.items() if n in searched}
 
@@ -354,8 +344,6 @@ def _assignment_of(path: Path, prep) -> dict[str, str]:
 def random_baseline(inp: Inputs, s: Searches, n: int, seed: int) -> list[Entry]:
     """``n`` random feasible assignments at each stock mix's size (random types, repaired down to the
     budget, randomly filled back up: ``proxy_check.random_feasible``), written with the run's imatrix."""
-    from dynsearch.search.run.proxy_check import random_feasible
-
     prep, out = s.prep, []
     for i, (label, target) in enumerate(zip(s.labels, s.targets)):
         if target is None:
@@ -371,8 +359,6 @@ def random_baseline(inp: Inputs, s: Searches, n: int, seed: int) -> list[Entry]:
 def imatrix_agreement(ours: Path, theirs: Path) -> dict:
     """How far the run's imatrix (our activations) is from llama-imatrix's on the same tokens: the
     worst per-tensor relative L1 difference over the tensors both hold."""
-    from dynsearch.recipes.apply import ImatrixFile
-
     a, b = ImatrixFile.read(ours), ImatrixFile.read(theirs)
     worst, name, n = 0.0, "", 0
     for t in a.data.entries:
@@ -398,8 +384,6 @@ def measure_llama(inp: Inputs, entries: list[Entry], threads: int) -> None:
 def measure_ours(inp: Inputs, entries: list[Entry], cfg: BenchConfig, progress: bool = True) -> None:
     """Our forward of every entry's dequantized weights vs the F32 reference on the same chunks
     (cached per file and chunks)."""
-    from dynsearch.objectives.compare import compare_files
-
     chunk_key = hashlib.sha256(np.ascontiguousarray(inp.chunks).tobytes()).hexdigest()
     # OURS_VERSION: bump when our forward or statistics change what a cached measurement would hold
     todo: list[tuple[Entry, Path]] = []
@@ -515,16 +499,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
-    from dynsearch.bench.llamacpp import LlamaCppBuildError
-
     cfg = config_from_args(args)
     torch.set_num_threads(cfg.threads)
-    try:
-        entries, meta = run_quality(cfg)
-    except LlamaCppBuildError as e:
-        raise BenchError(str(e)) from None
+    entries, meta = run_quality(cfg)
     ev = meta["evaluation"]
     print(f"{meta['model']}: {ev['chunks']} chunks x {ev['seq_len']} held-out tokens, "
           f"{ev['scored_tokens']} scored (second half of each chunk); imatrix on {meta['calibration']['tokens']} "

@@ -218,7 +218,8 @@ def tiny_searches(tmp_path_factory):
             for n in searched}
     imatrix = write_imatrix(d / "imatrix.gguf", ImatrixData(imat, ["t.txt"], 1, 8))
     prep = SimpleNamespace(space=space, fixed=fixed, names=names, source=src, model_path=model, model_key="k" * 64,
-                           budgets=[parse_budget("1MB"), parse_budget("0.5MB")], tensor_budgets=tensor_budgets,
+                           cfg=SimpleNamespace(budgets=[parse_budget("1MB"), parse_budget("0.5MB")]),
+                           tensor_budgets=tensor_budgets,
                            calib_desc={"description": "test"})
     s = bq.Searches(prep, ["Q4_0", "0.5MB"], ["Q4_0", None], imatrix)
     inp = SimpleNamespace(cache=stock.BenchCache(d / "cache", "m" * 16, "0"))
