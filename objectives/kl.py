@@ -19,7 +19,8 @@ llama-cpp-python's logits for the same chunks, the mean KLD differs from llama-p
 (tests/test_kl.py).
 
 Fractions are fractions here (``same_top_p = 0.93``), where llama.cpp prints percent;
-:func:`dynsearch.bench.llamacpp.parse_kl_printout` converts its printout to the same keys and units.
+the benchmarks' parser of that printout (outside the product, in bench/llamacpp.py) converts it to
+the same keys and units.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def _cov_of_means(a: np.ndarray, b: np.ndarray) -> float:
 @dataclass(frozen=True)
 class KLStats:
     """What ``llama-perplexity --kl-divergence`` reports, as fractions (not percent). Keys of
-    :meth:`to_dict` equal those of :func:`dynsearch.bench.llamacpp.parse_kl_printout`."""
+    :meth:`to_dict` equal those of the benchmarks' parser of that printout (bench/llamacpp.py)."""
 
     n_tokens: int
     ppl_q: float
