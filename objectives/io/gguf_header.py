@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from dynsearch.errors import GGUFError
-from dynsearch.kernels.types import GGUF_ALIGNMENT, padded, type_info
+from dynsearch.kernels.types import GGUF_ALIGNMENT, padded
 
 GGUF_MAGIC = b"GGUF"
 MAX_STRING_BYTES = 1 << 30  # GGUF_MAX_STRING_LENGTH
@@ -57,6 +57,7 @@ _FORMATS = {  # struct format of each scalar value type (BOOL: one byte, nonzero
     GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
 _SCALARS = {t: struct.Struct(f) for t, f in _FORMATS.items()}
+_GGML_TYPES = {int(qt): (qt, *GGML_QUANT_SIZES[qt]) for qt in GGMLQuantizationType if qt in GGML_QUANT_SIZES}
 _DTYPES = {t: np.dtype(f) for t, f in _FORMATS.items()}
 
 
@@ -279,14 +280,14 @@ class GGUFHeader:
                 raise cur.error(f"tensor {_show(name)} shape {tuple(ne)} has more than 2**63-1 elements")
             raw_type = cur.take(_I32, ("tensor", name, " (type)"))
             try:
-                info = type_info(raw_type)
-            except ValueError:
+                qt, block, size = _GGML_TYPES[raw_type]
+            except KeyError:
                 raise cur.error(f"tensor {_show(name)} has unknown GGML type {raw_type}") from None
-            if ne[0] % info.block_size:
+            if ne[0] % block:
                 raise cur.error(f"tensor {_show(name)} rows of {ne[0]} are not a multiple of "
-                                f"{info.name}'s block size {info.block_size}")
+                                f"{qt.name}'s block size {block}")
             offset = cur.take(_U64, ("tensor", name, " (data offset)"))
-            infos.append((name, tuple(reversed(ne)), info.qtype, offset, n // info.block_size * info.type_size))
+            infos.append((name, tuple(reversed(ne)), qt, offset, n // block * size))
         return infos
 
     def _place(self, cur: _Cursor, infos: list[tuple], data_start: int) -> dict[str, TensorInfo]:
