@@ -62,6 +62,34 @@ def check_output(dest: str | Path, inputs: Iterable[str | Path | None] = ()) -> 
     return dest
 
 
+def check_output_folder(folder: str | Path, option: str) -> Path:
+    """``folder`` as a Path, after checking that a command can write files in it (creating it and
+    its missing parents where needed); raises OutputError naming ``option`` and the problem."""
+    folder = Path(folder)
+    try:
+        st = os.stat(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    except OSError as e:
+        raise OutputError(f"{option} {folder}: cannot use it: {e.strerror or e}") from None
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{option} {folder}: exists and is not a folder")
+    nearest = folder
+    while st is None:  # the closest existing ancestor, where the missing folders would be made
+        nearest = nearest.parent
+        try:
+            st = os.stat(nearest)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            raise OutputError(f"{option} {folder}: cannot reach {nearest}: {e.strerror or e}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"{option} {folder}: {nearest} is not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {folder}: cannot write in {nearest}{_why_read_only(nearest)}")
+    return folder
+
+
 def check_not_input(dest: str | Path, inputs: Iterable[str | Path | None]) -> Path:
     """``dest`` as a Path, after checking that it is none of ``inputs`` (None entries skipped)."""
     dest = Path(dest)

@@ -13,6 +13,7 @@ from dynsearch import __version__
 from dynsearch.atomic import atomic_write_text, check_output
 from dynsearch.errors import DynsearchError
 from dynsearch.kernels import dequantizable_types, quantizable_types, type_info
+from dynsearch.objectives.forward import check_device
 from dynsearch.objectives.compare import run_eval
 from dynsearch.objectives.mmlu import run_file
 from dynsearch.recipes import schema
@@ -110,6 +111,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    check_device(args.device)
     cands = [Path(c) for c in ([args.candidate] if args.candidate else []) + args.compare]
     print(run_eval(cands, Path(args.ref), text=Path(args.text) if args.text else None, n_tokens=args.tokens,
                    seq_len=args.seq_len, mc_items=args.mc, device=args.device,
@@ -118,6 +120,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_mmlu(args: argparse.Namespace) -> int:
+    check_device(args.device)
     r = run_file(args.model, args.mmlu, args.subjects, args.limit, args.shots, args.device, not args.quiet)
     print(r.table())
     if args.json:

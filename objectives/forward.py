@@ -27,7 +27,7 @@ import torch
 from dynsearch import system
 from dynsearch.objectives.io.architectures import architecture
 from dynsearch.objectives.blocks import Capture, LayerWeights, Rope, block, rms_norm
-from dynsearch.errors import ModelError
+from dynsearch.errors import DynsearchError, ModelError
 from dynsearch.objectives.io.model import WeightSource
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,25 @@ def to_device(x: np.ndarray | torch.Tensor, device: torch.device | str,
     """``x`` (a numpy array or a tensor anywhere) as a tensor on ``device`` (``dtype`` if given)."""
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
     return t.to(device=device, dtype=dtype)
+
+
+def check_device(name: str) -> str:
+    """``name`` (``--device``) if torch can run on it here; a DynsearchError naming the problem
+    otherwise (an unknown device, CUDA absent, an index past the last GPU)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DynsearchError(f"--device {name!r}: not a torch device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DynsearchError(f"--device {name}: CUDA is not available here (torch "
+                                 f"{torch.__version__}{'' if torch.version.cuda else ', a CPU build'})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DynsearchError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                                 "CUDA device(s), numbered from 0")
+    elif device.type not in ("cpu", "meta"):
+        raise DynsearchError(f"--device {name}: dynsearch runs on cpu or cuda")
+    return name
 
 
 def synchronize(device: torch.device | str) -> None:

@@ -56,15 +56,35 @@ def _run(capsys, *argv) -> str:
     (["--budget", "100MB", "--calib", "/no/such/calib.jsonl"], "--calib /no/such/calib.jsonl: no such file"),
     (["--budget", "100MB", "--storage", "nonsense"], "not a URL"),
     (["--budget", "100MB", "--storage", "journal://"], "journal:// needs a file path"),
+    (["--budget", "100MB", "--seed", "-1"], "--seed must be a whole number from 0 to 4294967295"),
+    (["--budget", "100MB", "--seed", str(2**70)], "--seed must be a whole number from 0 to 4294967295"),
+    (["--budget", "100MB", "--device", "nonsense"], "--device 'nonsense': not a torch device"),
+    (["--budget", "100MB", "--device", "cuda:99"], "--device cuda:99: "),
+    (["--budget", "100MB", "--budget", "1MB..2MB/1000000000"], "N <= 64"),
 ])
 def test_bad_run_arguments(capsys, never_runs, argv, message):
     line = _run(capsys, "smollm2-135m", *argv)
     assert message in line
 
 
-def test_bad_out_folder(capsys, never_runs, tmp_path):
+@pytest.mark.parametrize("option", ["--out", "--cache"])
+def test_bad_out_folder(capsys, never_runs, tmp_path, option):
     (tmp_path / "file").write_text("x")
-    assert "--out" in _run(capsys, "smollm2-135m", "--budget", "100MB", "--out", str(tmp_path / "file"))
+    line = _run(capsys, "smollm2-135m", "--budget", "100MB", option, str(tmp_path / "file"))
+    assert f"{option} {tmp_path / 'file'}: exists and is not a folder" in line
+    line = _run(capsys, "smollm2-135m", "--budget", "100MB", option, str(tmp_path / "file" / "a" / "b"))
+    assert line.endswith(f"{tmp_path / 'file'} is not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("command", ["eval", "mmlu"])
+def test_bad_device_of_eval_and_mmlu_is_one_line(capsys, tmp_path, command):
+    argv = [command, str(tmp_path / "m.gguf"), "--device", "nonsense"]
+    if command == "eval":
+        argv += ["--ref", str(tmp_path / "ref.gguf")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dynsearch: error: --device 'nonsense': not a torch device (use cpu, cuda or cuda:N)"]
 
 
 def test_bad_model_paths(capsys, tmp_path):

@@ -14,8 +14,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
+from dynsearch.atomic import check_output_folder
 from dynsearch.errors import DynsearchError
 from dynsearch.kernels import parse_qtype, quantizable_types
+from dynsearch.objectives.forward import check_device
 from dynsearch.objectives.io.resolve import DEMO_ALIAS, HUB_ALIASES
 from dynsearch.search.budget import Budget, expand_budgets, parse_budget
 from dynsearch.search.cluster import ProfileBackend, check_backend
@@ -177,11 +179,15 @@ def check(cfg: RunConfig) -> RunConfig:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise DynsearchError(f"--{name.replace('_', '-')} must be a positive whole number, got {v!r}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+        raise DynsearchError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {cfg.seed!r}")
+    check_device(cfg.device)
     if cfg.timeout is not None and not cfg.timeout > 0:
         raise DynsearchError(f"--timeout must be a positive number of seconds, got {cfg.timeout!r}")
     if cfg.calib is not None and not Path(cfg.calib).is_file():
         raise DynsearchError(f"--calib {cfg.calib}: no such file")
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise DynsearchError(f"--out {cfg.out}: exists and is not a folder")
+    check_output_folder(cfg.out, "--out")
+    if cfg.cache is not None:
+        check_output_folder(cfg.cache, "--cache")
     check_backend(cfg.profile_backend())
     return cfg
