@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench-kernels clean
+.PHONY: demo test test-fast lint bench-kernels clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,17 @@ $(STAMP): $(VENV)/bin/python pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/dynsearch run smollm2-135m --budget 100MB --out runs
 
+# pytest's own script, not `python -m pytest`: -m would put the repository root on sys.path, where
+# the top-level kernels/ folder shadows the `kernels` package transformers looks for.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m 'not slow'
+	$(VENV)/bin/pytest -q -m 'not slow'
+
+# pyflakes, import order and bugbear over the product, bench/, scripts/, tests/ and the notebooks
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # Every benchmark and tool: $(PY) -m dynsearch.bench --help (docs/benchmarks.md).
 bench-kernels: $(STAMP)

@@ -63,7 +63,7 @@ def run_ours(path: Path, chunks: np.ndarray, device: str, batch: int) -> tuple[f
     fwd = BlockwiseForward(GGUFSource(path), device=device, batch_size=batch)
     first = None
     t0 = time.perf_counter()
-    for s, logits in fwd.logits(chunks):
+    for _, logits in fwd.logits(chunks):
         if first is None:
             first = logits[0].float().cpu().numpy()
     if device.startswith("cuda"):

@@ -176,7 +176,7 @@ def format_comparison(entries: Sequence[Entry], targets: Sequence[str] = TARGET_
     for c in comparisons(entries, targets):
         s, d = c.stock, c.dynsearch
 
-        def rat(e: Entry, key: str = "kld_mean") -> str:
+        def rat(e: Entry, key: str = "kld_mean", c=c) -> str:
             return ", ".join(_x(c.ratio(e, side, key)) for side, _ in SIDES)
 
         cells = [s.label + (" *" if c.targeted else ""), f"{s.file_bytes / 1e6:.1f}", both(s)]

@@ -35,8 +35,14 @@ from dynsearch.objectives.io.gguf_header import GGUFHeader
 from dynsearch.objectives.io.model import ModelConfig
 from dynsearch.objectives.io.resolve import resolve_model
 from dynsearch.search.run.config import RunConfig, default
-from dynsearch.search.run.cost import (CostEstimate, estimate, format_seconds, measure_block_pace,
-                                       phase_seconds, throughput)
+from dynsearch.search.run.cost import (
+    CostEstimate,
+    estimate,
+    format_seconds,
+    measure_block_pace,
+    phase_seconds,
+    throughput,
+)
 from dynsearch.search.run.pipeline import run
 from dynsearch.search.run.prepare import RunModel
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynsearch.atomic import atomic_path, atomic_write_text
-from dynsearch.errors import BenchError
 from dynsearch.bench import llamacpp
+from dynsearch.errors import BenchError
 from dynsearch.system import cache_root
 
 log = logging.getLogger(__name__)

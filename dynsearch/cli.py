@@ -13,8 +13,8 @@ from dynsearch import __version__
 from dynsearch.atomic import atomic_write_text, check_output
 from dynsearch.errors import DynsearchError
 from dynsearch.kernels import dequantizable_types, quantizable_types, type_info
-from dynsearch.objectives.forward import check_device
 from dynsearch.objectives.compare import run_eval
+from dynsearch.objectives.forward import check_device
 from dynsearch.objectives.mmlu import run_file
 from dynsearch.recipes import schema
 from dynsearch.recipes.apply import ImatrixFile, apply_recipe

@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from dynsearch.objectives.io.architectures import ArchSpec
 from dynsearch.errors import ModelError
+from dynsearch.objectives.io.architectures import ArchSpec
 from dynsearch.objectives.io.model import ModelConfig
 
 # capture(tensor_name, x): x is the (n_tokens, in_features) float32 input of that linear weight.

@@ -31,8 +31,6 @@ from dynsearch.kernels import tensor_nbytes
 from dynsearch.objectives.calibration import load_evaluation, load_mc_items
 from dynsearch.objectives.forward import BlockwiseForward
 from dynsearch.objectives.io.gguf_source import GGUFSource
-from dynsearch.objectives.scoring import gather_logprobs
-from dynsearch.objectives.tokenizer import Tokenizer
 from dynsearch.objectives.kl import (
     FlipStats,
     KLAccumulator,
@@ -42,6 +40,8 @@ from dynsearch.objectives.kl import (
     scored_positions,
     scored_targets,
 )
+from dynsearch.objectives.scoring import gather_logprobs
+from dynsearch.objectives.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ from dynsearch.kernels import dequantize, quantize_tensor
 from dynsearch.objectives.kl import KLAccumulator, mean_kl
 from dynsearch.system import memory_limit
 
-
 CACHE_MAX_BYTES = 2 << 30  # QuantCache's default ceiling
 CACHE_SHARE = 8  # ... and at most this fraction (1/8) of the memory the process may use
 

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from dynsearch import system
-from dynsearch.objectives.io.architectures import architecture
-from dynsearch.objectives.blocks import Capture, LayerWeights, Rope, block, rms_norm
 from dynsearch.errors import DynsearchError, ModelError
+from dynsearch.objectives.blocks import Capture, LayerWeights, Rope, block, rms_norm
+from dynsearch.objectives.io.architectures import architecture
 from dynsearch.objectives.io.model import WeightSource
 
 log = logging.getLogger(__name__)

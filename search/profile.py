@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed
 
+from dynsearch import system
 from dynsearch.atomic import atomic_open
 from dynsearch.errors import ClusterError
 from dynsearch.kernels import dequantize, effective_type, padded, quantize_tensor, tensor_nbytes
-from dynsearch import system
 from dynsearch.objectives.forward import to_device
 from dynsearch.objectives.io.resolve import open_model
 from dynsearch.objectives.stats.moe import expert_error

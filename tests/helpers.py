@@ -15,7 +15,13 @@ KL_MAX = 1e-4  # mean KL(llama.cpp || ours) a correct forward pass stays below
 
 def _english_text() -> str:
     """Deterministic English prose: docstrings of stdlib modules and their public members."""
-    import argparse, collections, functools, json, logging, pathlib, textwrap  # noqa: E401
+    import argparse  # noqa: E401
+    import collections
+    import functools
+    import json
+    import logging
+    import pathlib
+    import textwrap
 
     parts = []
     for mod in (argparse, collections, functools, json, logging, pathlib, textwrap):

@@ -4,7 +4,6 @@ any work, and a password in a storage URL never reaches the output or the logs."
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 

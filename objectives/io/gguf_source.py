@@ -10,10 +10,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dynsearch.errors import ModelError
 from dynsearch.kernels import QT, row_nbytes
 from dynsearch.kernels import dequantize as _kernels_dequantize
-
-from dynsearch.errors import ModelError
 from dynsearch.objectives.io.architectures import architecture, swa_layers_from_pattern
 from dynsearch.objectives.io.gguf_header import GGUFHeader
 from dynsearch.objectives.io.model import ModelConfig, missing_tensor

@@ -15,10 +15,9 @@ import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
+from dynsearch.errors import ModelError
 from dynsearch.kernels import QT, parse_qtype, quantize_tensor, tensor_nbytes
 from dynsearch.kernels import dequantize as _kernels_dequantize
-
-from dynsearch.errors import ModelError
 from dynsearch.objectives.io.gguf_header import GGUFHeader
 from dynsearch.objectives.io.gguf_source import Dequantize
 

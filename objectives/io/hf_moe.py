@@ -30,8 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dynsearch.objectives.io.architectures import ArchSpec, swa_layers_from_pattern
 from dynsearch.errors import ModelError
+from dynsearch.objectives.io.architectures import ArchSpec, swa_layers_from_pattern
 
 _PER_EXPERT = re.compile(r"^(?P<base>.+\.experts)\.(?P<x>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"^(?P<base>.+\.experts)\.(?P<w>gate_up_proj|down_proj)(?:\.weight)?$")

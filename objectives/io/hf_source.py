@@ -23,9 +23,8 @@ import gguf
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from dynsearch.kernels import QT
-
 from dynsearch.errors import DynsearchError, ModelError
+from dynsearch.kernels import QT
 from dynsearch.objectives.io.architectures import (
     ArchSpec,
     architecture_for_hf,

@@ -133,8 +133,8 @@ class StatsFile(Mapping):
 
     def verify(self) -> None:
         """Read every member once (ValueError/OSError on damage); memory: one member at a time."""
-        for name, fields in self._fields.items():
-            for f in fields:
+        for name, members in self._fields.items():
+            for f in members:
                 self._read(name, f)
 
     def close(self) -> None:

@@ -137,7 +137,7 @@ def main(cfg: RunConfig, model: RunModel, n: int = 30, min_spearman: float | Non
     prep = prepare(cfg, model, progress=progress)
     rc = 0
     for budget, tensor_budget in zip(cfg.budgets, prep.tensor_budgets):
-        bar = (lambda xs: tqdm(xs, desc=f"true KL @ {budget.spec}", unit="assignment")) if progress else None
+        bar = (lambda xs, spec=budget.spec: tqdm(xs, desc=f"true KL @ {spec}", unit="assignment")) if progress else None
         res = check_proxy(prep.space, tensor_budget, prep.kl_of, n=n, seed=cfg.seed, progress=bar)
         print(f"budget {budget.spec}: {len(res.proxy)} random feasible assignments, true KL on "
               f"{prep.search_tokens.size} calibration tokens")

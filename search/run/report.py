@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dynsearch.search.budget import format_bytes
 from dynsearch.objectives.io.resolve import DEMO_ALIAS
+from dynsearch.search.budget import format_bytes
 from dynsearch.search.run.config import RunConfig
 from dynsearch.search.run.pipeline import RunResult
 

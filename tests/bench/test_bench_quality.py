@@ -10,11 +10,18 @@ import gguf
 import numpy as np
 import pytest
 
-from dynsearch.errors import BenchError
 from dynsearch.bench import quality as bq
 from dynsearch.bench import stock
-from dynsearch.bench.report import (Entry, comparisons, format_comparison, format_table, plot_pareto,
-                                           read_json, write_json)
+from dynsearch.bench.report import (
+    Entry,
+    comparisons,
+    format_comparison,
+    format_table,
+    plot_pareto,
+    read_json,
+    write_json,
+)
+from dynsearch.errors import BenchError
 
 
 def _stats(mean: float, p99: float, mx: float, same: float) -> dict[str, float]:
@@ -192,10 +199,10 @@ def tiny_searches(tmp_path_factory):
     imatrix file, as ``prepare_searches`` would make it for two budgets (one stock mix, one sweep point)."""
     from types import SimpleNamespace
 
+    from dynsearch.bench.synthetic import Shape, write_synthetic_model
     from dynsearch.kernels import padded, tensor_nbytes
     from dynsearch.objectives.io.gguf_source import GGUFSource
     from dynsearch.objectives.io.imatrix import ImatrixData, ImatrixEntry, write_imatrix
-    from dynsearch.bench.synthetic import Shape, write_synthetic_model
     from dynsearch.search.budget import parse_budget
     from dynsearch.search.space import SearchSpace, layer_groups
 

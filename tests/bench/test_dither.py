@@ -10,9 +10,9 @@ import filecmp
 import gguf
 import numpy as np
 import pytest
+from conftest import make_rows
 from gguf import GGUFReader, LlamaFileType
 
-from conftest import make_rows
 from dynsearch.bench.__main__ import main as bench_main
 from dynsearch.bench.dither import DITHERABLE, SEED_KEY, SOURCE_TYPE_KEY, block_steps, dither_model
 from dynsearch.bench.synthetic import Shape, write_synthetic_model

@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from dynsearch.objectives.stats.capture import (ActivationStats, CaptureConfig, calibration_chunks, collect,
-                                              imatrix_collects, input_group)
 from dynsearch.objectives.io.imatrix import read_imatrix, write_imatrix
+from dynsearch.objectives.stats.capture import (
+    ActivationStats,
+    CaptureConfig,
+    calibration_chunks,
+    collect,
+    imatrix_collects,
+    input_group,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

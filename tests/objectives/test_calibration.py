@@ -11,8 +11,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from dynsearch.objectives import calibration as C
 from dynsearch.errors import CalibrationError
+from dynsearch.objectives import calibration as C
 from dynsearch.objectives.calibration import check_disjoint, load_calibration, load_evaluation
 from dynsearch.objectives.tokenizer import Tokenizer
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from dynsearch.bench.synthetic import Shape, write_synthetic_model
 from dynsearch.cli import main
+from dynsearch.objectives.evaluate import KLEvaluator, QuantizedWeights
 from dynsearch.objectives.forward import BlockwiseForward, to_device
 from dynsearch.objectives.io.gguf_source import GGUFSource
-from dynsearch.bench.synthetic import Shape, write_synthetic_model
-from dynsearch.objectives.evaluate import KLEvaluator, QuantizedWeights
 from dynsearch.objectives.stats.collect import collect_statistics
 from dynsearch.objectives.stats.store import TensorStats
 from dynsearch.search.profile import profile_tensor, quant_error

@@ -74,15 +74,15 @@ def test_interleaved_head_generators_leave_grad_mode_alone(tmp_path):
     """KL evaluation zips two ``head`` generators; neither may leave inference mode on."""
     import torch
 
+    from dynsearch.bench.synthetic import Shape, write_synthetic_model
     from dynsearch.objectives.forward import BlockwiseForward
     from dynsearch.objectives.io.gguf_source import GGUFSource
-    from dynsearch.bench.synthetic import Shape, write_synthetic_model
 
     path = write_synthetic_model(tmp_path / "m.gguf", Shape(n_layer=1, n_embd=64, n_ff=128, n_head=4,
                                                             n_head_kv=2, n_vocab=100))
     fwd = BlockwiseForward(GGUFSource(path), batch_size=1)
     h = fwd.hidden_states(np.random.default_rng(0).integers(0, 100, (3, 8)))
-    for (_, a), (_, b) in zip(fwd.head(h), fwd.head(h, log_probs=True)):
+    for _ in zip(fwd.head(h), fwd.head(h, log_probs=True)):
         assert torch.is_grad_enabled()
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     gen = fwd.head(h)

@@ -8,8 +8,8 @@ import gguf
 import numpy as np
 import pytest
 
-from dynsearch.kernels import QT
 from dynsearch.errors import ModelError
+from dynsearch.kernels import QT
 from dynsearch.objectives.io.gguf_header import GGUFHeader
 from dynsearch.objectives.io.gguf_write import write_dequantized_copy
 

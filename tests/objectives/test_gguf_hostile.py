@@ -27,9 +27,9 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType as VT
 
+from dynsearch.bench import ggml_oracle
 from dynsearch.errors import GGUFError
 from dynsearch.kernels import tensor_nbytes
-from dynsearch.bench import ggml_oracle
 from dynsearch.objectives.io.gguf_header import GGUFHeader
 
 pytestmark = pytest.mark.timeout(300)

@@ -27,7 +27,6 @@ from dynsearch.objectives.io.gguf_header import GGUFHeader
 from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.objectives.io.gguf_write import write_model
 from dynsearch.objectives.io.hf_source import SafetensorsSource
-
 from helpers import llamacpp_logprobs
 
 transformers = pytest.importorskip("transformers", reason="transformers (the HF reference) is not installed")

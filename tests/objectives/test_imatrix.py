@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dynsearch.objectives.io.imatrix import (ImatrixData, ImatrixEntry, ImatrixFormatError, read_imatrix,
-                                          write_imatrix)
+from dynsearch.objectives.io.imatrix import ImatrixData, ImatrixEntry, ImatrixFormatError, read_imatrix, write_imatrix
 
 
 def _sample(seed: int = 0) -> ImatrixData:

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dynsearch.objectives.stats.capture import ActivationStats, calibration_chunks, collect
 from dynsearch.objectives.io.imatrix import read_imatrix, write_imatrix
+from dynsearch.objectives.stats.capture import ActivationStats, calibration_chunks, collect
 
 N_CTX, N_CHUNKS = 512, 2
 

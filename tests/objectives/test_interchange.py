@@ -26,7 +26,6 @@ from dynsearch.kernels import dequantize, effective_type
 from dynsearch.recipes import schema
 from dynsearch.recipes.apply import RECIPE_KEY, ImatrixFile, apply_recipe
 from dynsearch.recipes.export import export_llama_quantize
-
 from helpers import llamacpp_logprobs
 
 pytestmark = pytest.mark.slow
@@ -77,12 +76,12 @@ def _types(src) -> dict[str, str]:
 def files(tmp_path_factory, llama_tool, demo_model):
     """(source, recipe, imatrix path, our GGUF, llama-quantize's GGUF) for the demo model's F32 copy."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp reference) is not installed")
-    from dynsearch.objectives import calibration
-    from dynsearch.objectives.stats.capture import ActivationStats, collect
     from dynsearch.bench.forward import f32_copy
+    from dynsearch.objectives import calibration
     from dynsearch.objectives.forward import BlockwiseForward
     from dynsearch.objectives.io.gguf_source import GGUFSource
     from dynsearch.objectives.io.imatrix import write_imatrix
+    from dynsearch.objectives.stats.capture import ActivationStats, collect
     from dynsearch.objectives.tokenizer import Tokenizer
 
     exe = llama_tool("llama-quantize")

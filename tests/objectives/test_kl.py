@@ -12,8 +12,8 @@ import scipy.special
 import scipy.stats
 import torch
 
-from dynsearch.objectives import kl
 from dynsearch.bench import llamacpp
+from dynsearch.objectives import kl
 
 
 def _logits(n: int, v: int, seed: int, noise: float = 0.3, scale: float = 3.0):

@@ -11,19 +11,17 @@ in a few hundred tokens, which says nothing about the forward pass under test.
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
-import gguf
-
+from dynsearch.bench.synthetic import Shape, write_synthetic_model
 from dynsearch.errors import ModelError
 from dynsearch.objectives.forward import BlockwiseForward
 from dynsearch.objectives.io.gguf_header import GGUFHeader
 from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.objectives.io.gguf_write import write_model
-from dynsearch.bench.synthetic import Shape, write_synthetic_model
-
 from helpers import KL_MAX, english_chunks, llamacpp_logprobs
 
 N_CTX = 256

@@ -17,7 +17,6 @@ from dynsearch.objectives.io.gguf_header import GGUFHeader
 from dynsearch.objectives.io.gguf_write import write_model
 from dynsearch.objectives.tokenizer import TEMPLATE_SECONDS, Tokenizer, render_chat_template, split_special
 
-
 CHAT = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "What is 2+2?\nAnswer with a number."},

@@ -53,8 +53,8 @@ def main(url: str, study_name: str, n_trials: int, sleep: float) -> None:
     import optuna
 
     from dynsearch.search.run.storage import StorageSettings, open_storage
-    from dynsearch.search.study import open_study
     from dynsearch.search.run.worker import work
+    from dynsearch.search.study import open_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = tiny_space()

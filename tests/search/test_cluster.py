@@ -27,13 +27,19 @@ from optuna.trial import TrialState
 
 from dynsearch.cli import main as cli_main
 from dynsearch.errors import ClusterError, StorageError
-from dynsearch.search.cluster import SCHEDULER_ENV, ProfileBackend, check_backend, probe
 from dynsearch.objectives.stats.store import TensorStats
-from dynsearch.search.profile import (ProfileCache, ProfileJob, model_fingerprint, profile_tensor,
-                                      profile_tensors, quant_error, read_tensor_stats)
-from dynsearch.search.run.worker import N_TRIALS_ATTR, RUN_CONFIG_ATTR
+from dynsearch.search.cluster import SCHEDULER_ENV, ProfileBackend, check_backend, probe
+from dynsearch.search.profile import (
+    ProfileCache,
+    ProfileJob,
+    model_fingerprint,
+    profile_tensor,
+    profile_tensors,
+    quant_error,
+    read_tensor_stats,
+)
 from dynsearch.search.run.storage import OWNER_ATTR, open_storage
-from dynsearch.search.run.worker import RUN_ID_ATTR, wait_for_study
+from dynsearch.search.run.worker import N_TRIALS_ATTR, RUN_CONFIG_ATTR, RUN_ID_ATTR, wait_for_study
 
 TYPES = ("Q4_0", "Q5_0", "Q8_0")
 
@@ -316,8 +322,7 @@ def test_a_failed_run_stops_the_helpers_it_started(tiny_model, tmp_path, monkeyp
     """``run --search-workers 3`` starts its helpers before preparing; should preparing fail (here:
     a budget below the smallest reachable size), they are ended, not left waiting."""
     from dynsearch.errors import DynsearchError
-    from dynsearch.search.run import pipeline
-    from dynsearch.search.run import worker
+    from dynsearch.search.run import pipeline, worker
     from dynsearch.search.run.config import RunConfig
     from dynsearch.search.run.prepare import RunModel
 
@@ -407,7 +412,7 @@ def test_run_and_two_workers_profile_on_dask(tiny_model, dask_cluster, tmp_path)
     for backend in (ProfileBackend("loky", n_jobs=2), ProfileBackend("threading", n_jobs=2)):
         folder = tmp_path / f"profile-{backend.name}"
         job = ProfileJob(str(tiny_model), key, str(stats_path), str(folder), stats_key, TYPES)
-        rows = profile_tensors(searched, list(TYPES), job.cache(), lambda n: job(n), job, backend)
+        rows = profile_tensors(searched, list(TYPES), job.cache(), job, job, backend)
         for n, a, b in zip(searched, dask_rows, rows):
             assert a[0] == b[0] and np.array_equal(a[1], b[1]), n
             np.testing.assert_allclose(a[2], b[2], rtol=1e-12, err_msg=n)  # see quant_error

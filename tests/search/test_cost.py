@@ -7,14 +7,14 @@ import socket
 import numpy as np
 import pytest
 
-from dynsearch.kernels import effective_type
-from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.bench.synthetic import Shape, write_synthetic_model
 from dynsearch.cli import _run_config, build_parser
+from dynsearch.kernels import effective_type
+from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.search.cluster import ProfileBackend
 from dynsearch.search.run import cost
-from dynsearch.search.run.cost import BlockPace, CostEstimate, Throughput, throughput
 from dynsearch.search.run.config import RunConfig
+from dynsearch.search.run.cost import BlockPace, CostEstimate, Throughput, throughput
 
 
 def estimate(src, cfg, tp=None, pace=BlockPace()):

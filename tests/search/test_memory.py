@@ -8,15 +8,14 @@ import pytest
 import torch
 
 from dynsearch import system
-from dynsearch.objectives.stats.capture import ActivationStats, CaptureConfig
+from dynsearch.bench.synthetic import Shape, write_synthetic_model
 from dynsearch.objectives.forward import BlockwiseForward
 from dynsearch.objectives.io.gguf_source import GGUFSource
-from dynsearch.bench.synthetic import Shape, write_synthetic_model
-from dynsearch.search import profile as profile_mod
+from dynsearch.objectives.stats.capture import ActivationStats, CaptureConfig
 from dynsearch.objectives.stats.collect import collect_statistics
-from dynsearch.objectives.stats.store import TensorStats
+from dynsearch.objectives.stats.store import StatsFile, StatsWriter, TensorStats
+from dynsearch.search import profile as profile_mod
 from dynsearch.search.profile import quant_error
-from dynsearch.objectives.stats.store import StatsFile, StatsWriter
 
 SHAPE = Shape(n_layer=3, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=300, tied=False)
 
@@ -86,8 +85,8 @@ def test_read_tensor_is_a_copy_equal_to_the_mapped_bytes(model):
 
 
 def test_load_rows_equals_the_rows_of_the_whole_tensor(model, tmp_path):
-    from dynsearch.kernels import QT
     from dynsearch.errors import ModelError
+    from dynsearch.kernels import QT
 
     q8 = write_synthetic_model(tmp_path / "q8.gguf", SHAPE, seed=4, dtype=QT.Q8_0)
     ids = np.array([7, 0, SHAPE.n_vocab - 1, 7, 123])

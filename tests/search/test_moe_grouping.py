@@ -6,12 +6,12 @@ import numpy as np
 import optuna
 import pytest
 
+from dynsearch.bench.synthetic import Shape, write_synthetic_model
 from dynsearch.errors import DynsearchError
 from dynsearch.objectives.io.gguf_source import GGUFSource
-from dynsearch.bench.synthetic import Shape, write_synthetic_model
 from dynsearch.objectives.stats import moe
-from dynsearch.search.run.prepare import build_space
 from dynsearch.search.profile import ProfileCache
+from dynsearch.search.run.prepare import build_space
 from dynsearch.search.space import EXPERT_GROUPINGS, layer_groups, tensor_kind
 from dynsearch.search.study import SearchSettings, best_result, open_study, run_study
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from dynsearch.objectives.stats.capture import ActivationStats, CaptureConfig
+from dynsearch.bench.synthetic import Shape, write_synthetic_model
+from dynsearch.kernels import dequantize, quantize, quantize_tensor
 from dynsearch.objectives.forward import BlockwiseForward
 from dynsearch.objectives.io.gguf_source import GGUFSource
-from dynsearch.bench.synthetic import Shape, write_synthetic_model
 from dynsearch.objectives.stats import moe
+from dynsearch.objectives.stats.capture import ActivationStats, CaptureConfig
 from dynsearch.objectives.stats.store import TensorStats
 from dynsearch.search.profile import profile_tensor, tensor_error
-from dynsearch.kernels import dequantize, quantize, quantize_tensor
 
 TINY = Shape(n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=49152, tied=True,
              arch="qwen3moe", n_expert=4, n_expert_used=2, n_ff_exp=64, dead_experts=(3,))

@@ -15,9 +15,8 @@ from optuna.trial import TrialState, create_trial
 from dynsearch.cli import main
 from dynsearch.recipes import schema
 from dynsearch.search.run.config import RunConfig
+from dynsearch.search.run.plots import file_axis, load_plot_data, make_plots, pareto_front, type_grid
 from dynsearch.search.run.worker import BUDGET_INDEX_ATTR, RUN_CONFIG_ATTR
-from dynsearch.search.run.plots import (file_axis, load_plot_data, make_plots, pareto_front,
-                                    type_grid)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

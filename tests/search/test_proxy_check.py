@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import synthetic_space
 
 from dynsearch.errors import BudgetError
 from dynsearch.search.run.proxy_check import check_proxy, random_feasible
+from helpers import synthetic_space
 
 
 def test_random_feasible_fits_the_budget_and_uses_it():

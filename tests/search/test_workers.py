@@ -21,18 +21,29 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-from optuna.trial import TrialState
-
 from _study_worker import settings as tiny_settings
 from _study_worker import tiny_space, true_kl
+from optuna.trial import TrialState
+
 from dynsearch.cli import main as cli_main
 from dynsearch.errors import StorageError
-from dynsearch.search.space import parse_choice_key
 from dynsearch.search.run.status import format_table, storage_status
-from dynsearch.search.run.storage import (BEAT_ATTR, OWNER_ATTR, TAGGED_ATTR, StorageSettings, _Sweep, open_storage, own_tag,
-                                      redact, repair_journal, sweep_stale, this_worker)
-from dynsearch.search.study import REFIT_TRIAL_ATTR, best_result, open_study, run_study
+from dynsearch.search.run.storage import (
+    BEAT_ATTR,
+    OWNER_ATTR,
+    TAGGED_ATTR,
+    StorageSettings,
+    _Sweep,
+    open_storage,
+    own_tag,
+    redact,
+    repair_journal,
+    sweep_stale,
+    this_worker,
+)
 from dynsearch.search.run.worker import work
+from dynsearch.search.space import parse_choice_key
+from dynsearch.search.study import REFIT_TRIAL_ATTR, best_result, open_study, run_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
