@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 from conftest import DATA_KINDS, make_imatrix, make_rows
 
-import gguf
 from dynsearch.kernels import QT, dequantize, kernel, quantize, row_nbytes, type_info
 
 IQ_TYPES = (QT.IQ4_NL, QT.IQ4_XS, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S,
