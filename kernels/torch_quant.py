@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from dynsearch.kernels.legacy import QK  # elements per block of the legacy types (32)
 from dynsearch.kernels.types import parse_qtype
-
-QK = 32  # elements per block of the legacy types
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import DATA_KINDS, make_imatrix, make_rows
+
 from dynsearch.kernels import dequantize, quantize
 from dynsearch.kernels.torch_quant import quantize_rows, torch_quantizable
 
