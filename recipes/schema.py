@@ -19,8 +19,8 @@ from typing import Any, Mapping, Protocol
 import yaml
 
 from dynsearch import __version__
-from dynsearch.errors import RecipeError
 from dynsearch.atomic import atomic_write_text
+from dynsearch.errors import RecipeError
 from dynsearch.kernels.types import effective_type, parse_qtype, type_info
 
 FORMAT_VERSION = 1

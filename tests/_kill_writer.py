@@ -63,9 +63,8 @@ def writer(kind: str, dest: Path, source: str):
         docs = {v: report(v) for v in "AB"}
         return lambda v: dest.write_text(docs[v])
     if kind == "gguf":
-        from dynsearch.recipes.apply import apply_recipe
-
         from dynsearch.objectives.io.gguf_header import GGUFHeader
+        from dynsearch.recipes.apply import apply_recipe
 
         names = list(GGUFHeader(source).tensors)
         docs = {v: recipe(v, {n: SOURCE_TYPES[v].get(n, "F32") for n in names}) for v in "AB"}
