@@ -16,7 +16,7 @@ Differences from llama.cpp, on purpose: everything is float64 and exact, where l
 base log-probs as uint16 over a 16-nat range and leaves base probabilities below e^-16 out. Fed
 llama-cpp-python's logits for the same chunks, the mean KLD differs from llama-perplexity's by ~0.2%
 (SmolLM2-135M, Q2_K and Q4_K_M vs Q4_1); fed llama-perplexity's own stored log-probs, by ~5e-5
-(tests/test_kl.py).
+(tests/objectives/test_kl.py).
 
 Fractions are fractions here (``same_top_p = 0.93``), where llama.cpp prints percent;
 the benchmarks' parser of that printout (outside the product, in bench/llamacpp.py) converts it to

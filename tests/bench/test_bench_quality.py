@@ -1,4 +1,4 @@
-"""The quality benchmark (search/bench_quality.py, stock.py, bench_report.py): table/JSON/plot
+"""The quality benchmark (bench/quality.py, stock.py, report.py): table/JSON/plot
 plumbing, file sizes against gguf-py, and a tiny real run on the demo model (2 stock mixes, 1,024
 held-out tokens) where our KL and llama-perplexity's must agree for Q8_0."""
 

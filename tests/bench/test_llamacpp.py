@@ -1,4 +1,4 @@
-"""Locating/building llama.cpp's tools (objectives/llamacpp.py); the parser is tested in test_kl.py."""
+"""Locating/building llama.cpp's tools (bench/llamacpp.py); the parser is tested in tests/objectives/test_kl.py."""
 
 from __future__ import annotations
 

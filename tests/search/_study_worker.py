@@ -1,4 +1,4 @@
-"""A worker process for tests/test_workers.py, and the tiny search it works on.
+"""A worker process for tests/search/test_workers.py, and the tiny search it works on.
 
 ``python tests/_study_worker.py --take-queued URL STUDY START`` only takes queued trials (racing
 other processes from the time START on) and prints their ids.
