@@ -148,7 +148,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    print(format_table(storage_status(open_storage(args.storage), args.study_name)))
+    print(format_table(storage_status(open_storage(args.storage, create=False), args.study_name)))
     return 0
 
 

@@ -207,7 +207,7 @@ def load_plot_data(run_dir: str | Path | None = None, storage: str | None = None
             raise PlotError(f"{folder}: no {STUDY_DB} in this folder (a run with --storage keeps its "
                             "studies there: give the same --storage URL)")
         storage = f"sqlite:///{db.resolve()}"
-    st = open_storage(storage)
+    st = open_storage(storage, create=False)
     if study_name is not None:
         studies = [load_study(st, study_name)]
     else:

@@ -96,3 +96,17 @@ def test_status_on_an_sqlite_study_named_as_a_journal_is_one_line(sqlite_study):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dynsearch: error:") and "not a journal" in lines[0]
     assert _digest(sqlite_study) == before
+
+
+@pytest.mark.parametrize("command", ["status", "plot"])
+@pytest.mark.parametrize("scheme", ["sqlite:///", "journal://"])
+def test_read_only_commands_create_no_storage(tmp_path, command, scheme):
+    target = tmp_path / "new" / "study.db"
+    argv = [sys.executable, "-m", "dynsearch", command, "--storage", f"{scheme}{target}"]
+    if command == "plot":
+        argv += ["-o", str(tmp_path / "plots")]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dynsearch: error:") and "no such file" in lines[0], r.stderr
+    assert list(tmp_path.iterdir()) == []
