@@ -28,6 +28,7 @@ import numpy as np
 from dynsearch.atomic import atomic_path, check_output
 from dynsearch.errors import ModelError, RecipeError
 from dynsearch.kernels import QT, kernel, parse_qtype, quantizable_types, quantize_tensor, type_info
+from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.objectives.io.gguf_write import TensorOut, metadata_writer, write_tensors
 from dynsearch.objectives.io.imatrix import ImatrixData, ImatrixFormatError, read_imatrix
 from dynsearch.recipes import llama_quant
@@ -77,8 +78,6 @@ def _lookup(importance: Importance) -> Callable[[str], np.ndarray | None]:
 def open_source(model_path: str | Path):
     """The source model as a GGUFSource; a Hugging Face folder is refused (its GGUF metadata --
     tokenizer, chat template -- is made by llama.cpp's convert_hf_to_gguf.py)."""
-    from dynsearch.objectives.io.gguf_source import GGUFSource
-
     p = Path(model_path)
     if p.is_dir():
         raise ModelError(f"{p}: apply writes from a GGUF file; convert the Hugging Face folder with "

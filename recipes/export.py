@@ -30,6 +30,7 @@ from dynsearch.atomic import check_not_input
 from dynsearch.errors import RecipeError
 from dynsearch.kernels import parse_qtype
 from dynsearch.recipes import llama_quant
+from dynsearch.recipes.apply import ImatrixFile, open_source, plan_tensors
 from dynsearch.recipes.schema import Recipe
 
 _PLAIN = re.compile(r"[a-z0-9_]")
@@ -96,8 +97,6 @@ def _check_model(recipe: Recipe, model: str | Path, base: llama_quant.FileType,
                  imatrix: str | Path | None) -> bool:
     """Check the recipe against the model as llama-quantize will treat it; True where some tensor it
     converts is stored quantized (so ``--allow-requantize`` is needed)."""
-    from dynsearch.recipes.apply import ImatrixFile, open_source, plan_tensors
-
     src = open_source(model)
     # fits the model, tensors copied as stored keep their type, importance vectors where needed
     plan_tensors(recipe, src, ImatrixFile.read(imatrix) if imatrix is not None else None)

@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from dynsearch.atomic import atomic_path
 from dynsearch.errors import ImatrixFormatError
+from dynsearch.objectives.io.gguf_header import GGUFHeader
 
 GGUF_MAGIC = b"GGUF"
 KEY_TYPE = "general.type"
@@ -123,10 +125,6 @@ def read_imatrix(path: str | os.PathLike[str]) -> ImatrixData:
 
 
 def _read_gguf(path: Path) -> ImatrixData:
-    from gguf import GGMLQuantizationType
-
-    from dynsearch.objectives.io.gguf_header import GGUFHeader
-
     header = GGUFHeader(path)  # validated as llama.cpp does; a malformed file is a GGUFError
     kind = header.get(KEY_TYPE)
     if kind is not None and kind != "imatrix":
