@@ -7,6 +7,9 @@ once (printing ``ready`` with their SHA-256 and how long one write takes), then 
 
 * ``kill SECONDS``: fork a child that writes DEST over and over (versions B, A, B, ...), SIGKILL it
   after SECONDS, reap it, print ``killed``;
+* ``kill-at-commit``: the same, but the child stops its first write where the temporary file is
+  complete and about to be renamed over DEST (``os.replace``), and is SIGKILLed there: a kill
+  inside a write on every machine, however fast its writes;
 * ``final``: fork a child that writes DEST once and exits normally, print ``done``;
 * ``quit``.
 
@@ -87,8 +90,15 @@ def main() -> None:
         cmd, *arg = line.split()
         if cmd == "quit":
             return
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: write until killed (or once, for "final")
+            os.close(ready_r)
+            if cmd == "kill-at-commit":  # stop where the temporary file is complete but not yet renamed
+                def replace(*_args, **_kwargs):
+                    os.write(ready_w, b"x")
+                    time.sleep(600)
+                os.replace = replace
             try:
                 if cmd == "final":
                     write("A")
@@ -99,11 +109,17 @@ def main() -> None:
                         k += 1
             finally:
                 os._exit(0)
+        os.close(ready_w)
         if cmd == "kill":
             time.sleep(float(arg[0]))
             os.kill(pid, signal.SIGKILL)
+        elif cmd == "kill-at-commit":
+            if not os.read(ready_r, 1):  # the child wrote, or died without reaching the rename
+                raise SystemExit("the writer never reached os.replace")
+            os.kill(pid, signal.SIGKILL)
+        os.close(ready_r)
         _, status = os.waitpid(pid, 0)
-        print("killed" if cmd == "kill" else f"done {status}", flush=True)
+        print(f"done {status}" if cmd == "final" else "killed", flush=True)
 
 
 if __name__ == "__main__":

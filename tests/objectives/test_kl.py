@@ -290,11 +290,19 @@ def test_statistics_match_llama_perplexity_on_its_own_logprobs(kld_run, llama_to
     print(_side_by_side(f"{kld_run['qtype']} vs Q4_1 base, {acc.count} tokens, llama-perplexity's log-probs",
                         ours, theirs))
     print(f"next tokens below the candidate's stored 16-nat floor: {n_floored}")
-    for k in KEYS:  # differences: the candidate's uint16 rounding (<= 1.2e-4 nat) and printed digits
+    # Differences: the candidate's uint16 rounding (<= 1.2e-4 nat per log-prob) and printed digits;
+    # and where the candidate's log-prob is below its stored 16-nat floor, the floor stands in for it.
+    # A token's KLD moves by both: up to 4.1e-4 nat measured on the demo's Q4_K_M (its p95 0.143921
+    # here vs 0.144058 from llama-cpp-python's float logits of the same candidate, which equals
+    # llama-perplexity's printout). A percentile moves by at most the largest per-token move, so they
+    # get 5e-4 nat; a wrong percentile rule (nearest rank, no interpolation) misses by the neighbours'
+    # gap, 1.3e-3 at that p95.
+    for k in KEYS:
         if n_floored and k in ("ppl_q", "ppl_ratio", "ln_ppl_ratio"):
             assert ours[k] < theirs[k], k  # a floored NLL(Q) can only be underestimated here
             continue
-        assert ours[k] == pytest.approx(theirs[k], rel=5e-4, abs=2e-5 + (2 / acc.count if k == "same_top_p" else 0)), k
+        tol = 5e-4 if k in ("kld_median", "kld_p90", "kld_p95", "kld_p99") else 2e-5
+        assert ours[k] == pytest.approx(theirs[k], rel=5e-4, abs=tol + (2 / acc.count if k == "same_top_p" else 0)), k
 
 
 def _llama_logits(llama_cpp, model: Path, chunks: np.ndarray) -> list[np.ndarray]:

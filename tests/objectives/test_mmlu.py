@@ -195,7 +195,8 @@ def test_demo_model_variants_and_cli(tmp_path, capsys, demo_model):
 @pytest.mark.slow
 def test_demo_letter_logprobs_match_llama_cpp(demo_model):
     """Our scorer's answer-token log-probs for a real 5-shot prompt equal llama.cpp's (F32 copy of the
-    demo model, so no activation rounding on llama.cpp's side)."""
+    demo model and an F32 KV cache, so no rounding on llama.cpp's side: its default F16 cache alone
+    moves these log-probs by 3e-3)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference")
     from dynsearch.bench.forward import f32_copy
     from dynsearch.objectives.forward import BlockwiseForward
@@ -209,8 +210,10 @@ def test_demo_letter_logprobs_match_llama_cpp(demo_model):
     dev, test = mmlu.load_subject(mmlu_dir(), "world_religions", limit=1)
     prompt = mmlu.prompt_tokens(tok, "world_religions", dev, test[0])
     ours = mmlu.model_scorer(BlockwiseForward(GGUFSource(path)))([prompt], ids)[0]
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False, n_threads=2)
+    f32 = 0  # GGML_TYPE_F32
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False, n_threads=2,
+                          type_k=f32, type_v=f32)
     llm.eval(prompt)
     logits = np.asarray(llm.scores[len(prompt) - 1], dtype=np.float64)
     ref = logits[ids] - np.logaddexp.reduce(logits)
-    np.testing.assert_allclose(ours, ref, atol=2e-3)
+    np.testing.assert_allclose(ours, ref, atol=2e-4)  # 3.2e-5 measured

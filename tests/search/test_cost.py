@@ -6,9 +6,11 @@ import socket
 
 import numpy as np
 import pytest
+import torch
 
 from dynsearch.bench.synthetic import Shape, write_synthetic_model
 from dynsearch.cli import _run_config, build_parser
+from dynsearch.errors import DynsearchError
 from dynsearch.kernels import effective_type
 from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.search.cluster import ProfileBackend
@@ -204,5 +206,12 @@ def test_profiling_uses_every_core_by_default():
     assert RunConfig.parse("x", ["5bpw"]).workers == cores
     args = build_parser().parse_args(["run", "m.gguf", "--budget", "5bpw"])
     assert _run_config(args).workers == cores and _run_config(args).profile_backend().n_jobs == cores
-    args = build_parser().parse_args(["run", "m.gguf", "--budget", "5bpw", "--workers", "1", "--device", "cuda"])
-    assert _run_config(args).profile_backend() == ProfileBackend(n_jobs=1, device="cuda")
+    args = build_parser().parse_args(["run", "m.gguf", "--budget", "5bpw", "--workers", "1", "--device", "cpu"])
+    assert _run_config(args).profile_backend() == ProfileBackend(n_jobs=1, device="cpu")
+    if torch.cuda.is_available():
+        args = build_parser().parse_args(["run", "m.gguf", "--budget", "5bpw", "--device", "cuda"])
+        assert _run_config(args).profile_backend() == ProfileBackend(n_jobs=cores, device="cuda")
+    else:  # --device is checked where it is parsed: one line, before any work
+        args = build_parser().parse_args(["run", "m.gguf", "--budget", "5bpw", "--device", "cuda"])
+        with pytest.raises(DynsearchError, match="CUDA is not available"):
+            _run_config(args)
