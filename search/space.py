@@ -140,3 +140,48 @@ def choice_key(choice: np.ndarray) -> str:
 
 def parse_choice_key(key: str) -> np.ndarray:
     return np.array([ord(ch) - 48 for ch in key], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """What a choice leaves of its budget, and why nothing more was spent (:func:`headroom`)."""
+
+    unused: int  # bytes of tensor data the budget allows beyond the choice
+    fitting_steps: int  # single-tensor moves to a larger type that fit in ``unused``
+    best_step: tuple[str, str, int, float] | None  # (tensor, type, extra bytes, proxy gain) of the best one
+    cheapest: tuple[str, str, int] | None  # (tensor, type, extra bytes): the smallest move to a larger type
+
+    def reason(self) -> str:
+        """One line, for the run's summary."""
+        if self.best_step is None:
+            if self.cheapest is None:
+                return "every tensor is at its largest candidate type"
+            name, qtype, extra = self.cheapest
+            return (f"nothing else fits: the smallest step up ({name} to {qtype}) needs "
+                    f"{extra - self.unused} bytes more")
+        name, qtype, extra, gain = self.best_step
+        if gain <= 0:
+            return (f"nothing measurable is gained: {self.fitting_steps} single-tensor steps up fit, "
+                    "none lowers the proxy error")
+        return (f"the measured KL chose it: the best step that fits ({name} to {qtype}, +{extra} bytes) "
+                f"lowers the proxy error by {gain:.3g}, but the search's true-KL trials preferred this recipe")
+
+
+def headroom(space: SearchSpace, choice: np.ndarray, budget: int) -> Headroom:
+    """The unused part of ``budget`` (bytes of searched tensor data) under ``choice``, with the
+    single-tensor moves to a larger type that would fit in it and the best of them by the proxy."""
+    rows = np.arange(len(choice))
+    cur_size, cur_err = space.sizes[rows, choice], space.errors[rows, choice]
+    unused = int(budget - cur_size.sum())
+    extra = space.sizes - cur_size[:, None]
+    allowed = np.isfinite(space.errors) & (extra > 0)
+    cheapest = best = None
+    if allowed.any():
+        i, j = np.unravel_index(np.argmin(np.where(allowed, extra, np.iinfo(np.int64).max)), extra.shape)
+        cheapest = (space.names[i], space.written[i][j], int(extra[i, j]))
+    fits = allowed & (extra <= unused)
+    if fits.any():
+        gain = np.where(fits, cur_err[:, None] - space.errors, -np.inf)
+        i, j = np.unravel_index(np.argmax(gain), gain.shape)
+        best = (space.names[i], space.written[i][j], int(extra[i, j]), float(gain[i, j]))
+    return Headroom(unused=max(unused, 0), fitting_steps=int(fits.sum()), best_step=best, cheapest=cheapest)

@@ -28,6 +28,7 @@ from dynsearch.search.run import worker
 from dynsearch.search.run.config import RunConfig
 from dynsearch.search.run.prepare import Prepared, RunModel, header_overhead, prepare
 from dynsearch.search.run.storage import open_storage
+from dynsearch.search.space import headroom
 from dynsearch.search.study import best_result
 
 
@@ -125,6 +126,7 @@ def finish_budget(prep: Prepared, i: int, study, result: RunResult, progress: bo
     ho = held_out.stats(QuantizedWeights(source, assignment, prep.importance.get))
     t1 = time.perf_counter()
     tensor_bytes = sum(padded(tensor_nbytes(source.shape(n), t)) for n, t in assignment.items())
+    room = headroom(space, best.choice, prep.tensor_budgets[i])
     n_params = int(sum(int(np.prod(source.shape(n))) for n in names_all))
     name = str(source.metadata("general.name", model_path.stem) if hasattr(source, "metadata") else model_path.stem)
     recipe = schema.from_assignment(
@@ -156,6 +158,7 @@ def finish_budget(prep: Prepared, i: int, study, result: RunResult, progress: bo
                         "search_kl": best.value, "seed_kl": best.seed_value,
                         "heldout_mean_kl": ho.to_dict()["kld_mean"],
                         "heldout": ho.to_dict(), "types": recipe.types_histogram(),
+                        "unused_bytes": room.unused, "unused_reason": room.reason() if room.unused else None,
                         "recipe": str(rpath), "gguf": str(gpath) if gpath else None,
                         "seconds": {k: round(v, 3) for k, v in seconds.items()},
                         **({"moe_routing": prep.routing} if prep.routing else {})})

@@ -21,6 +21,8 @@ def print_summary(cfg: RunConfig, result: RunResult) -> None:
               f"{r['heldout'].get('kld_p99', float('nan')):>8.4f}")
         hist = ", ".join(f"{t} x{n}" for t, n in r["types"].items())
         print(f"{'':>10} types: {hist}")
+        if r.get("unused_bytes"):
+            print(f"{'':>10} unused: {format_bytes(r['unused_bytes'])} of the budget; {r['unused_reason']}")
     if cfg.model == DEMO_ALIAS and "Q4_1" not in cfg.types:
         print("note: Q4_1 is not a candidate type: the demo model's weights are dequantized Q4_1, so "
               "re-quantizing to it is lossless and would make comparisons meaningless")
