@@ -35,6 +35,7 @@ from dynsearch import system
 from dynsearch.atomic import atomic_open
 from dynsearch.errors import ClusterError
 from dynsearch.kernels import dequantize, effective_type, padded, quantize_tensor, tensor_nbytes
+from dynsearch.kernels.torch_quant import dequantize_rows, quantize_rows, torch_quantizable
 from dynsearch.objectives.forward import to_device
 from dynsearch.objectives.io.resolve import open_model
 from dynsearch.objectives.stats.moe import expert_error
@@ -49,7 +50,12 @@ PROFILE_VERSION = 1  # bump when the error definition changes: old cache entries
 ERROR_CHUNK_BYTES = 16 << 20  # rows of dW processed at once by quant_error (bounds its temporaries)
 
 
-def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats, device: str = "cpu") -> float:
+def _host(a: np.ndarray | torch.Tensor) -> np.ndarray:
+    return a.cpu().numpy() if isinstance(a, torch.Tensor) else a
+
+
+def quant_error(w: np.ndarray | torch.Tensor, dq: np.ndarray | torch.Tensor, stats: TensorStats,
+                device: str = "cpu") -> float:
     """The second-order KL estimate of replacing ``w`` by ``dq`` (see module docstring), taken
     over chunks of rows so that its float64 temporaries stay small whatever the tensor.
 
@@ -59,7 +65,16 @@ def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats, device: str =
     with 1) and numpy's single-threaded row sums, and the terms are added with :func:`math.fsum`
     (exactly rounded, so neither their order nor the chunking matters); torch's whole-tensor
     reductions split differently with 1, 2 or 4 threads. The product ``dW_o H`` runs on
-    ``device`` (the run's: a GPU's float64 rate), the row sums on the host."""
+    ``device`` (the run's: a GPU's float64 rate), the row sums on the host.
+
+    ``w`` and ``dq`` may be torch tensors (the profile's torch quantizers leave ``dq`` on the run's
+    device): ``dW = dq - w`` is then taken there, in their dtype as numpy takes it (an exact IEEE
+    difference either way), and the rest is the same computation on the same values, so the
+    result is the same bits as with numpy arrays of the same values."""
+    on_torch = isinstance(w, torch.Tensor) or isinstance(dq, torch.Tensor)
+    if on_torch:
+        where = dq.device if isinstance(dq, torch.Tensor) else w.device
+        w, dq = to_device(w, where), to_device(dq, where)  # dtypes kept: numpy's promotion
     w2, dq2 = w.reshape(-1, w.shape[-1]), dq.reshape(-1, dq.shape[-1])
     n_rows, n_cols = w2.shape
     step = max(1, ERROR_CHUNK_BYTES // (8 * n_cols))
@@ -70,9 +85,14 @@ def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats, device: str =
     terms: list[np.ndarray] = []  # float64 per-row terms, summed once at the end
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        d = (dq2[r0:r1] - w2[r0:r1]).astype(np.float64)  # (rows, cols)
+        if on_torch:
+            dt = (dq2[r0:r1] - w2[r0:r1]).to(torch.float64)  # (rows, cols), on dq's device
+            d = dt.cpu().numpy()
+        else:
+            dt, d = None, (dq2[r0:r1] - w2[r0:r1]).astype(np.float64)  # (rows, cols)
         if h is not None:
-            dh = (to_device(d, device) @ h).cpu().numpy()  # (rows, cols) dW_o H
+            dd = dt if dt is not None and dt.device == h.device else to_device(d, device)
+            dh = (dd @ h).cpu().numpy()  # (rows, cols) dW_o H
             per_row = np.einsum("ij,ij->i", dh, d)  # dW_o H dW_o^T
             terms.append(0.5 * (per_row if f is None else f[r0:r1] * per_row))
         if col is not None:
@@ -82,34 +102,82 @@ def quant_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats, device: str =
             terms.append(np.einsum("ij,ij->i", d, d))
     total = math.fsum(np.concatenate(terms)) if terms else 0.0
     if h is None and col is None:  # nothing measured: plain weight MSE
-        total /= max(1, w2.size)
+        total /= max(1, n_rows * n_cols)
     return total
 
 
-def tensor_error(w: np.ndarray, dq: np.ndarray, stats: TensorStats, device: str = "cpu") -> float:
-    """:func:`quant_error`, or for an MoE expert stack its per-expert error (objectives/stats/moe.py)."""
+def tensor_error(w: np.ndarray | torch.Tensor, dq: np.ndarray | torch.Tensor, stats: TensorStats,
+                 device: str = "cpu") -> float:
+    """:func:`quant_error`, or for an MoE expert stack its per-expert error (objectives/stats/moe.py,
+    on the host)."""
     if stats.xdiag is not None:
-        return expert_error(w, dq, stats.xdiag, stats.fisher_out)
+        return expert_error(_host(w), _host(dq), stats.xdiag, stats.fisher_out)
     return quant_error(w, dq, stats, device)
 
 
-def profile_tensor(w: np.ndarray, types: list[str], stats: TensorStats,
-                   device: str = "cpu") -> tuple[list[str], np.ndarray, np.ndarray]:
+QUANTIZER_CHOICES = ("auto", "torch", "numba")
+
+
+def _importance_per_matrix(importance, n_rows: int, n_per_row: int) -> np.ndarray | None:
+    """The importance vector of each matrix the rows split into evenly, (n_mat, n_per_row) (as
+    :func:`dynsearch.kernels.quantize_tensor` reads it), or None."""
+    if importance is None:
+        return None
+    n_mat = np.size(importance) // n_per_row
+    if n_mat == 0 or n_mat * n_per_row != np.size(importance) or n_rows % n_mat:
+        raise ValueError(f"importance of {np.size(importance)} values does not fit {n_rows} rows "
+                         f"of {n_per_row}")
+    return np.asarray(importance, dtype=np.float32).reshape(n_mat, n_per_row)
+
+
+def _torch_dequantized(w: torch.Tensor, qtype: str, importance: torch.Tensor | None) -> torch.Tensor:
+    """``dequant(quant(w))`` with the torch quantizers, on ``w``'s device; ``importance``: None or
+    (n_mat, n_per_row), one vector per matrix (an MoE expert stack has one per expert)."""
+    n_per_row = w.shape[1]
+    if importance is None:
+        return dequantize_rows(quantize_rows(w, qtype), qtype, n_per_row)
+    mats = w.reshape(importance.shape[0], -1, n_per_row)
+    return torch.cat([dequantize_rows(quantize_rows(m, qtype, imp), qtype, n_per_row)
+                      for m, imp in zip(mats, importance)])
+
+
+def profile_tensor(w: np.ndarray, types: list[str], stats: TensorStats, device: str = "cpu",
+                   quantizer: str = "auto") -> tuple[list[str], np.ndarray, np.ndarray]:
     """(written types, padded sizes, errors) of ``w`` (rows, n_per_row) for each candidate type.
 
     llama.cpp's fallback is applied: a type whose block does not fit the rows is written as its
     fallback, with that type's size and error. ``device``: where the error term's matrix product runs.
+
+    ``quantizer``: who quantizes a candidate. ``"numba"``: the numba kernels, on the host.
+    ``"torch"``: the torch quantizers (:mod:`dynsearch.kernels.torch_quant`) on ``device`` for
+    the types they have (the others as with numba); the weight rows and the importance vector go
+    to ``device`` once per tensor and the dequantized candidate stays there for the error term.
+    ``"auto"``: torch where ``device`` is not the CPU, else numba. Both give the same blocks, so
+    the same sizes and the same errors, bit for bit (tests/search/test_profile_torch.py).
     """
+    if quantizer not in QUANTIZER_CHOICES:
+        raise ValueError(f"quantizer must be one of {', '.join(QUANTIZER_CHOICES)}, got {quantizer!r}")
+    use_torch = quantizer == "torch" or (quantizer == "auto" and torch.device(device).type != "cpu")
     w2 = np.ascontiguousarray(w.reshape(-1, w.shape[-1]), dtype=np.float32)
     n_per_row = w2.shape[1]
+    imp = stats.importance
+    on_device: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (w, importance) on device
     written, sizes, errors = [], [], []
     done: dict[str, tuple[int, float]] = {}
     for t in types:
         eff = effective_type(t, n_per_row).name
         if eff not in done:
-            imp = stats.importance if stats.importance is not None else None
-            dq = dequantize(quantize_tensor(w2, eff, imp), eff, n_per_row)
-            done[eff] = (padded(tensor_nbytes(w2.shape, eff)), tensor_error(w2, dq, stats, device))
+            if use_torch and eff in torch_quantizable():
+                if on_device is None:
+                    per_mat = _importance_per_matrix(imp, w2.shape[0], n_per_row)
+                    on_device = (to_device(w2, device),
+                                 None if per_mat is None else to_device(per_mat, device))
+                dq = _torch_dequantized(on_device[0], eff, on_device[1])
+                err = tensor_error(on_device[0], dq, stats, device)
+            else:
+                dq = dequantize(quantize_tensor(w2, eff, imp), eff, n_per_row)
+                err = tensor_error(w2, dq, stats, device)
+            done[eff] = (padded(tensor_nbytes(w2.shape, eff)), err)
         written.append(eff)
         sizes.append(done[eff][0])
         errors.append(done[eff][1])

@@ -95,8 +95,8 @@ def main() -> None:
         if pid == 0:  # the child: write until killed (or once, for "final")
             os.close(ready_r)
             if cmd == "kill-at-commit":  # stop where the temporary file is complete but not yet renamed
-                def replace(*_args, **_kwargs):
-                    os.write(ready_w, b"x")
+                def replace(*_args, _ready=ready_w, **_kwargs):
+                    os.write(_ready, b"x")
                     time.sleep(600)
                 os.replace = replace
             try:
