@@ -191,6 +191,11 @@ class BlockPace:
     capture: float = 1.0
 
 
+def _is_expert_stack(name: str) -> bool:
+    """An MoE layer's routed expert stack (``ffn_{gate,up,down}_exps``)."""
+    return "_exps." in name or name.endswith("_exps")
+
+
 def measure_block_pace(source, seq_len: int, flops: float, device: str = "cpu") -> BlockPace:
     """Time the heaviest block of ``source`` (weights loaded from the file, as a pass does) on one
     sequence of ``seq_len`` random hidden states on ``device``, plainly and with the statistics'
@@ -233,7 +238,10 @@ def estimate(source, cfg, tp: Throughput | None = None, pace: BlockPace | None =
         tp = throughput({(t, shapes[n][-1]) for n in names for t in eff[n]}, device=cfg.device)
     workers = max(1, int(cfg.workers))
     n_params = int(sum(int(np.prod(source.shape(n))) for n in source.names()))
-    block_params = sum(int(np.prod(s)) for n, s in shapes.items() if n.startswith("blk."))
+    # an MoE token runs n_expert_used of each stack's n_expert experts: the passes pay that share
+    routed = mc.n_expert_used / mc.n_expert if mc.n_expert else 1.0
+    block_params = sum(int(np.prod(s)) * (routed if _is_expert_stack(n) else 1.0)
+                       for n, s in shapes.items() if n.startswith("blk."))
     head_name = "output.weight" if "output.weight" in shapes else "token_embd.weight"
     head_params = int(np.prod(shapes[head_name]))
 
@@ -249,7 +257,10 @@ def estimate(source, cfg, tp: Throughput | None = None, pace: BlockPace | None =
     for n, shp in shapes.items():
         w = int(np.prod(shp))
         k = sum(tp.quant_s[(t, shp[-1])] * w for t in eff[n])
-        err = len(eff[n]) * 2.0 * w * shp[-1] / (tp.flops / F64_SLOWDOWN)  # in float64: quant_error
+        if _is_expert_stack(n):  # per expert, the diagonal of X^T X: (dW^2) h, 2 w FLOPs (moe.expert_error)
+            err = len(eff[n]) * 2.0 * w / (tp.flops / F64_SLOWDOWN)
+        else:  # in float64: quant_error
+            err = len(eff[n]) * 2.0 * w * shp[-1] / (tp.flops / F64_SLOWDOWN)
         profile[n] = k + err
     profile_s = sum(profile.values()) / workers
     stats_s = fwd_s(cfg.calib_tokens, capture=True) + 3.0 * fwd_s(cfg.fisher_tokens)
@@ -280,7 +291,7 @@ def estimate(source, cfg, tp: Throughput | None = None, pace: BlockPace | None =
     peak = FLOOR_BYTES + 2 * block_bytes + grams + hidden + max(head, workers * per_worker) + qcache
 
     # disk: the statistics (X^T X per tensor, float32), the Fisher spill, the GGUF(s)
-    stats_disk = sum(4 * shapes[n][-1] ** 2 for n in names)
+    stats_disk = sum(4 * (shapes[n][0] if _is_expert_stack(n) else shapes[n][-1]) * shapes[n][-1] for n in names)
     spill = 4 * d * cfg.fisher_tokens * mc.n_layer
     gguf = n_budgets * sum(tensor_nbytes(shapes[n], eff[n][len(eff[n]) // 2]) for n in names)
     return CostEstimate(stats_s=stats_s, profile_s=profile_s, search_s=search_s, write_s=write_s,

@@ -83,6 +83,31 @@ def test_structure_and_profile_time_equal_brute_force(models):
     assert estimate(src, _cfg(write_gguf=False), tp).write_s == 0.0
 
 
+def test_moe_passes_pay_the_routed_experts_and_the_profile_their_diagonal(tmp_path):
+    """An MoE token runs n_expert_used of n_expert experts, and an expert stack's proxy error weighs
+    dW^2 by the diagonal of X^T X per expert (objectives/stats/moe.py): brute force on a qwen3moe."""
+    shape = Shape(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=64, tied=True,
+                  arch="qwen3moe", n_expert=8, n_expert_used=2, n_ff_exp=256)
+    src = GGUFSource(write_synthetic_model(tmp_path / "moe.gguf", shape, seed=0))
+    tp = _tp(src)
+    est = estimate(src, _cfg(), tp)
+    mats = [n for n in src.names() if len(src.shape(n)) >= 2]
+    stacks = [n for n in mats if "_exps" in n]
+    assert len(stacks) == 6 and all(len(src.shape(n)) == 3 and src.shape(n)[0] == 8 for n in stacks)
+    fwd_params = sum(int(np.prod(src.shape(n))) * (2 / 8 if n in stacks else 1)
+                     for n in mats if n.startswith("blk.")) + int(np.prod(src.shape("token_embd.weight")))
+    assert est.stats_s == pytest.approx(2.0 * fwd_params * (1024 + 3 * 512) / tp.flops, rel=1e-12)
+    want = 0.0
+    for n in mats:
+        shp = src.shape(n)
+        w, n_in = int(np.prod(shp)), shp[-1]
+        for t in {effective_type(t, n_in).name for t in TYPES}:
+            want += tp.quant_s[(t, n_in)] * w + 2.0 * w * (1 if n in stacks else n_in) * cost.F64_SLOWDOWN / tp.flops
+    assert est.profile_s == pytest.approx(want, rel=1e-12)
+    assert est.parts["stats_disk_bytes"] == sum(4 * (src.shape(n)[0] if n in stacks else src.shape(n)[-1])
+                                                * src.shape(n)[-1] for n in mats)
+
+
 def test_doubling_layers_doubles_statistics_and_profiling_not_peak_memory(models):
     a, b = (estimate(models[n], _cfg(), _tp(models[n])) for n in (2, 4))
     assert b.parts["profile_blocks_s"] == pytest.approx(2 * a.parts["profile_blocks_s"], rel=1e-9)
