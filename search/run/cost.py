@@ -26,6 +26,7 @@ import torch
 
 from dynsearch.atomic import atomic_write_text
 from dynsearch.kernels import dequantize, effective_type, quantize, tensor_nbytes
+from dynsearch.kernels.torch_quant import dequantize_rows, quantize_rows, torch_quantizable
 from dynsearch.objectives.evaluate import default_cache_bytes
 from dynsearch.objectives.forward import HEAD_ROWS_BYTES, BlockwiseForward, synchronize, to_device
 from dynsearch.objectives.stats.capture import ActivationStats, CaptureConfig, input_group
@@ -43,7 +44,13 @@ class Throughput:
     """Seconds per weight of quantize + dequantize per (type, row width), and matmul FLOP/s."""
 
     quant_s: dict[tuple[str, int], float]
-    flops: float  # float32 matmul FLOP/s of torch on this machine (all its threads)
+    flops: float  # float32 matmul FLOP/s of torch on the run's device (this machine's CPUs: all threads)
+    # the profile's quantize + dequantize on the run's device, for the pairs its torch quantizers
+    # cover (kernels/torch_quant.py); the others, and every trial's and the GGUF's, are quant_s
+    device_quant_s: dict[tuple[str, int], float] = field(default_factory=dict)
+
+    def profile_quant_s(self, qtype: str, n_per_row: int) -> float:
+        return self.device_quant_s.get((qtype, n_per_row), self.quant_s[(qtype, n_per_row)])
 
 
 @dataclass
@@ -140,6 +147,26 @@ def measure_quant(qtype: str, n_per_row: int, n_weights: int = SAMPLE_WEIGHTS, r
     return best / w.size
 
 
+def measure_device_quant(qtype: str, n_per_row: int, device: str, n_weights: int = 1 << 22,
+                         repeat: int = 2) -> float:
+    """Seconds per weight of the torch quantizer + dequantizer of ``qtype`` on ``device`` (with an
+    importance vector, as the profile runs them), best of ``repeat`` on about ``n_weights``
+    weights (a GPU needs millions before its launch overheads stop counting)."""
+    rows = max(4, n_weights // n_per_row)
+    g = torch.Generator().manual_seed(0)
+    w = to_device(torch.randn(rows, n_per_row, generator=g), device)
+    imp = to_device(torch.rand(n_per_row, generator=g) + 0.1, device)
+    dequantize_rows(quantize_rows(w[:4], qtype, imp), qtype, n_per_row)  # warm up
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        dequantize_rows(quantize_rows(w, qtype, imp), qtype, n_per_row)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return best / w.numel()
+
+
 def _flops_key(device: str) -> str:
     """The cache's key of the matmul rate on ``device`` ("flops" for the CPU, as before devices)."""
     kind = torch.device(device).type
@@ -166,6 +193,12 @@ def throughput(pairs: set[tuple[str, int]], cache: Path | None = None, device: s
         key = f"{t}@{n}"
         if not isinstance(quant.get(key), (int, float)):
             quant[key], changed = measure_quant(t, n), True
+    kind = torch.device(device).type
+    on_device = {(t, n) for t, n in pairs if t in torch_quantizable()} if kind != "cpu" else set()
+    for t, n in sorted(on_device):
+        key = f"{t}@{n}@{kind}"
+        if not isinstance(quant.get(key), (int, float)):
+            quant[key], changed = measure_device_quant(t, n, device), True
     if changed:
         data = data if isinstance(data, dict) else {}
         data[host] = mine
@@ -173,7 +206,8 @@ def throughput(pairs: set[tuple[str, int]], cache: Path | None = None, device: s
             atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
         except OSError:
             pass  # a read-only home: measured again next time
-    return Throughput({(t, n): float(quant[f"{t}@{n}"]) for t, n in pairs}, float(mine[fkey]))
+    return Throughput({(t, n): float(quant[f"{t}@{n}"]) for t, n in pairs}, float(mine[fkey]),
+                      {(t, n): float(quant[f"{t}@{n}@{kind}"]) for t, n in on_device})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,17 +286,23 @@ def estimate(source, cfg, tp: Throughput | None = None, pace: BlockPace | None =
         blocks = block_params * (pace.capture if capture else pace.plain)
         return 2.0 * tokens * (blocks + head_params) / tp.flops
 
-    # profiling: per tensor and written type, the kernels + the error term (2 n_rows n_in^2)
-    profile = {}
+    # profiling: per tensor and written type, the kernels + the error term (2 n_rows n_in^2). On a
+    # GPU, the torch quantizers and the error term run there, one at a time whatever the workers;
+    # the host's kernels (types without a torch quantizer) share the workers
+    gpu = torch.device(cfg.device).type != "cpu"
+    host, dev = {}, {}
     for n, shp in shapes.items():
         w = int(np.prod(shp))
-        k = sum(tp.quant_s[(t, shp[-1])] * w for t in eff[n])
+        on_dev = sum(tp.profile_quant_s(t, shp[-1]) * w for t in eff[n] if (t, shp[-1]) in tp.device_quant_s)
+        on_host = sum(tp.quant_s[(t, shp[-1])] * w for t in eff[n] if (t, shp[-1]) not in tp.device_quant_s)
         if _is_expert_stack(n):  # per expert, the diagonal of X^T X: (dW^2) h, 2 w FLOPs (moe.expert_error)
             err = len(eff[n]) * 2.0 * w / (tp.flops / F64_SLOWDOWN)
         else:  # in float64: quant_error
             err = len(eff[n]) * 2.0 * w * shp[-1] / (tp.flops / F64_SLOWDOWN)
-        profile[n] = k + err
-    profile_s = sum(profile.values()) / workers
+        host[n] = on_host + (0.0 if gpu else err)
+        dev[n] = on_dev + (err if gpu else 0.0)
+    profile = {n: host[n] / workers + dev[n] for n in shapes}
+    profile_s = sum(profile.values())
     stats_s = fwd_s(cfg.calib_tokens, capture=True) + 3.0 * fwd_s(cfg.fisher_tokens)
     # a trial: the forward on the search tokens and dequantizing every tensor; quantizing only
     # the pairs QuantCache misses (the whole model once, then about REVISIT of it per trial)
@@ -297,7 +337,6 @@ def estimate(source, cfg, tp: Throughput | None = None, pace: BlockPace | None =
     return CostEstimate(stats_s=stats_s, profile_s=profile_s, search_s=search_s, write_s=write_s,
                         peak_bytes=int(peak), disk_bytes=int(stats_disk + spill + gguf),
                         workers=workers, n_params=n_params,
-                        parts={"profile_blocks_s": sum(v for n, v in profile.items() if n.startswith("blk."))
-                               / workers, "trial_s": float(trial_s), "forward_token_s": fwd_s(1),
+                        parts={"profile_blocks_s": sum(v for n, v in profile.items() if n.startswith("blk.")), "trial_s": float(trial_s), "forward_token_s": fwd_s(1),
                                "block_bytes": block_bytes, "grams_bytes": grams,
                                "quant_cache_bytes": qcache, "stats_disk_bytes": stats_disk})

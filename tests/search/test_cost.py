@@ -217,13 +217,36 @@ def test_matmul_rate_and_its_cache_are_per_device(tmp_path, monkeypatch):
     got = []
     monkeypatch.setattr(cost, "measure_matmul_flops", lambda *a, device="cpu", **k: got.append(device) or 1e9)
     monkeypatch.setattr(cost, "measure_quant", lambda t, n, *a, **k: 1e-8)
+    timed = []  # the torch quantizers, timed on the device for the pairs they cover
+    monkeypatch.setattr(cost, "measure_device_quant", lambda t, n, device, **k: timed.append((t, device)) or 1e-10)
     path = tmp_path / "throughput.json"
-    assert throughput({("Q4_0", 256)}, cache=path).flops == 1e9
-    assert throughput({("Q4_0", 256)}, cache=path, device="cuda:1").flops == 1e9
-    throughput({("Q4_0", 256)}, cache=path, device="cuda")  # cached: any CUDA device of this host
-    assert got == ["cpu", "cuda:1"]
-    assert set(json.loads(path.read_text())[socket.gethostname()]) == {"flops", "flops@cuda", "quant"}
+    pairs = {("Q4_0", 256), ("Q4_K", 256)}  # Q4_K: no torch quantizer yet
+    cpu = throughput(pairs, cache=path)
+    assert cpu.flops == 1e9 and cpu.device_quant_s == {} and cpu.profile_quant_s("Q4_0", 256) == 1e-8
+    gpu = throughput(pairs, cache=path, device="cuda:1")
+    assert gpu.flops == 1e9 and gpu.device_quant_s == {("Q4_0", 256): 1e-10}
+    assert gpu.profile_quant_s("Q4_0", 256) == 1e-10 and gpu.profile_quant_s("Q4_K", 256) == 1e-8
+    throughput(pairs, cache=path, device="cuda")  # cached: any CUDA device of this host
+    assert got == ["cpu", "cuda:1"] and timed == [("Q4_0", "cuda:1")]
+    mine = json.loads(path.read_text())[socket.gethostname()]
+    assert set(mine) == {"flops", "flops@cuda", "quant"}
+    assert set(mine["quant"]) == {"Q4_0@256", "Q4_K@256", "Q4_0@256@cuda"}
     assert cost.measure_matmul_flops(n=64, repeat=1, device="meta") > 0  # runs where asked
+
+
+def test_gpu_profile_runs_the_torch_quantizers_and_error_term_on_the_device_whatever_the_workers(models):
+    """On a GPU, what runs there is not divided among the profiling workers; the host's kernels are."""
+    src = models[2]
+    tp = _tp(src)
+    on_dev = Throughput(tp.quant_s, tp.flops, {p: 0.0 for p in tp.quant_s if p[0] == "Q4_0"})
+    cpu = estimate(src, _cfg(workers=4), on_dev)
+    gpu = {w: estimate(src, _cfg(workers=w, device="meta"), on_dev) for w in (1, 4)}
+    host_q = sum(tp.quant_s[(effective_type(t, src.shape(n)[-1]).name, src.shape(n)[-1])] * int(np.prod(src.shape(n)))
+                 for n in src.names() if len(src.shape(n)) >= 2
+                 for t in {effective_type(t, src.shape(n)[-1]).name for t in TYPES} if t != "Q4_0")
+    err = cpu.profile_s * 4 - host_q  # the CPU's error term, divided among its 4 workers
+    assert gpu[1].profile_s == pytest.approx(host_q + err, rel=1e-12)
+    assert gpu[4].profile_s == pytest.approx(host_q / 4 + err, rel=1e-12)
 
 
 def test_profiling_uses_every_core_by_default():
