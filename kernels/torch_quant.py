@@ -20,6 +20,10 @@ kind of ``tests/conftest.py`` and on extreme values):
 * Q8_0, which ignores importance weights (as ggml does).
 * IQ4_NL, IQ4_XS: ``quantize_row_iq4_nl_impl`` with ``ntry = 7`` (the first scale and the 15
   trial scales side by side).
+* Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: :mod:`dynsearch.kernels.torch_kquants`, merged into the registry.
+
+Not yet in torch (the profile quantizes them with the numba kernels on the host): the 2- and
+3-bit i-quants (IQ2_*, IQ3_*, IQ1_*), the ternary types and the float types.
 
 How: every block is a row of a (n_blocks, block_size) tensor, all blocks side by side; each step
 is one float32 operation as in C (no fused or reordered arithmetic); a sum over a block's
@@ -46,6 +50,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dynsearch.kernels import torch_kquants
 from dynsearch.kernels.types import parse_qtype, row_nbytes, type_info
 
 RowQuantizer = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -549,6 +554,8 @@ DEQUANTIZERS: dict[str, RowDequantizer] = {
 # profile's error to 1e-6 relative instead of the blocks to equality). Empty: every type above is
 # bit-identical, with and without importance weights.
 NOT_BIT_IDENTICAL: dict[str, str] = {}
+QUANTIZERS.update(torch_kquants.QUANTIZERS)  # Q2_K .. Q6_K
+DEQUANTIZERS.update(torch_kquants.DEQUANTIZERS)
 
 
 # ---------------------------------------------------------------------------------------------

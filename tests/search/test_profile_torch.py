@@ -16,7 +16,7 @@ from dynsearch.search import profile as profile_mod
 from dynsearch.search.profile import profile_tensor
 
 # every torch type, two the torch path lacks (numba then), and one written as its fallback below
-TYPES = [*tq.torch_quantizable(), "Q4_K", "Q6_K", "F16"]
+TYPES = [*tq.torch_quantizable(), "IQ3_S", "F16"]  # IQ3_S, F16: no torch quantizer (numba)
 
 
 def _stats(kind: str, n_rows: int, n_cols: int, seed: int, n_mat: int = 1) -> TensorStats:
