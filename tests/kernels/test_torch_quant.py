@@ -150,7 +150,7 @@ def test_round_trip_and_empty_rows():
     x = make_rows("normal", 4, 256, seed=5)
     for t in TYPES:
         dq = dequantize_rows(quantize_rows(torch.from_numpy(x), t), t, 256).numpy()
-        assert np.abs(dq - x).max() < 0.2 * np.abs(x).max()
+        assert np.abs(dq - x).max() < (0.35 if t == "Q2_K" else 0.2) * np.abs(x).max(), t  # Q2_K: 2 bits
         empty = quantize_rows(torch.zeros(0, 256), t)
         assert empty.shape == (0, 256 // type_info(t).block_size * type_info(t).type_size)
         assert dequantize_rows(empty, t, 256).shape == (0, 256)
