@@ -38,6 +38,7 @@ from dynsearch.kernels import QT, dequantize, quantize_tensor, type_info
 from dynsearch.objectives.io.gguf_source import GGUFSource
 from dynsearch.objectives.io.gguf_write import TensorOut, metadata_writer, write_tensors
 from dynsearch.objectives.io.resolve import resolve_model
+from dynsearch.system import cache_root
 
 SEED_KEY = "dynsearch.dither.seed"
 SOURCE_TYPE_KEY = "dynsearch.dither.source_file_type"
@@ -174,6 +175,17 @@ def dither_model(src: str | Path, dst: str | Path, seed: int, dtype: QT = QT.F32
         writer.add_uint64(SEED_KEY, seed)
         writer.add_string(SOURCE_TYPE_KEY, _file_type_name(source.metadata("general.file_type")))
         write_tensors(writer, tensors, desc=f"dither {src.name}", progress=progress)
+    return dst
+
+
+def dithered_copy(src: str | Path, seed: int) -> Path:
+    """``src`` dithered with ``seed`` to F32, made once and cached under ``$DYNSEARCH_CACHE/dither``
+    (the quality benchmark's reference)."""
+    src = Path(src)
+    dst = cache_root() / "dither" / f"{src.stem}.{src.stat().st_size}.seed{seed}.F32.gguf"
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dither_model(src, dst, seed)  # atomic: a killed run leaves no partial reference
     return dst
 
 

@@ -4,7 +4,11 @@ each stock mix's size and for baselines.
 
 Inputs, identical for every file:
 
-- reference: the model dequantized to an F32 GGUF (:func:`dynsearch.bench.forward.f32_copy`);
+- reference: the model dithered to an F32 GGUF (:func:`dynsearch.bench.dither.dithered_copy`,
+  seed ``--dither-seed``, 0 by default): every weight moved off its quantization grid, so that
+  no GGUF type reproduces a tensor and none is a lossless shortcut, as on a real full-precision
+  model; ``--no-dither``: the plain dequantized copy (:func:`dynsearch.bench.forward.f32_copy`),
+  on which the model's source format and its supersets are lossless;
 - calibration: ``load_calibration`` tokens (the shipped chat-format set, or ``--calib``), written
   back as text and given to ``llama-imatrix --parse-special``, which re-tokenizes it to the same ids
   (checked) -- the llama.cpp workflow, and the tokens ``dynsearch run`` collects its imatrix on;
@@ -33,8 +37,19 @@ import torch
 
 from dynsearch.atomic import atomic_write_bytes, atomic_write_text
 from dynsearch.bench import stock
+from dynsearch.bench.dither import dithered_copy
 from dynsearch.bench.forward import f32_copy
-from dynsearch.bench.report import Entry, format_comparison, format_table, plot_pareto, write_json
+from dynsearch.bench.report import (
+    TARGET_MEAN,
+    TARGET_P99,
+    Entry,
+    ablation_rows,
+    format_ablation,
+    format_comparison,
+    format_table,
+    plot_pareto,
+    write_json,
+)
 from dynsearch.errors import BenchError
 from dynsearch.kernels import padded, tensor_nbytes
 from dynsearch.objectives import calibration as cal
@@ -52,18 +67,23 @@ from dynsearch.search.run.prepare import Prepared, RunModel
 from dynsearch.search.run.prepare import prepare as prepare_run  # this module's prepare() makes the Inputs
 from dynsearch.search.run.proxy_check import random_feasible
 from dynsearch.search.space import choice_key
+from dynsearch.search.study import best_result, open_study, run_study
 
 log = logging.getLogger(__name__)
 
 OURS_VERSION = 1
 # uniform: one llama-quantize --pure file per type; knapsack: the proxy's knapsack optimum at each
 # stock mix's size (the search's seed, no Optuna stage); random: random feasible assignments there
-BASELINES = ("uniform", "knapsack", "random")
+# multipliers: the Optuna stage before pinned tensors and moves (group multipliers re-solving the
+# knapsack, refits), at each stock mix's size with the same trial count as dynsearch's
+BASELINES = ("uniform", "knapsack", "random", "multipliers")
+DITHER_SEED = 0  # the default reference: the model dithered with this seed (bench/dither.py)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    model: str = DEMO_ALIAS  # GGUF file or alias; the reference is its F32 copy
+    model: str = DEMO_ALIAS  # GGUF file or alias; the reference is its dithered (or plain) F32 copy
+    dither: int | None = DITHER_SEED  # seed of the dithered reference; None: the plain dequantized copy
     mixes: tuple[str, ...] = stock.STOCK_MIXES  # llama.cpp's stock mixes to make and measure
     source_format: str | None = stock.SOURCE_FORMAT  # made too, listed apart; None: skip
     calib: str | None = None  # calibration source for load_calibration; None: the shipped set
@@ -158,7 +178,9 @@ def prepare(cfg: BenchConfig) -> Inputs:
     for what, n in (("--calib-tokens", cfg.calib_tokens), ("--eval-tokens", cfg.eval_tokens)):
         if n < 2 * cfg.seq_len:
             raise BenchError(f"{what} {n}: need at least two chunks of {cfg.seq_len} tokens")
-    ref = f32_copy(model)
+    # the reference: dithered, so that no type is lossless (bench/dither.py); plain: the
+    # dequantized model itself, on whose grid its source format (and more) lies
+    ref = f32_copy(model) if cfg.dither is None else dithered_copy(model, cfg.dither)
     cache = stock.BenchCache.for_model(ref, model_fingerprint(ref), Path(cfg.cache) if cfg.cache else None)
     tok = Tokenizer.from_gguf(ref)
 
@@ -190,7 +212,8 @@ def prepare(cfg: BenchConfig) -> Inputs:
         log.warning("our tokenizer cuts the evaluation text differently from llama-perplexity; "
                     "both sides still use llama-perplexity's chunks")
     meta = {
-        "model": str(model), "reference": str(ref), "llama_cpp_python": cache.version, "cache": str(cache.folder),
+        "model": str(model), "reference": str(ref), "dither_seed": cfg.dither,
+        "llama_cpp_python": cache.version, "cache": str(cache.folder),
         "calibration": {"source": calib.description, "tokens": int(used.size), "text": str(calib_file),
                         "tokens_sha256": cal._array_hash(np.ascontiguousarray(calib.tokens[:n_calib])),
                         "imatrix": str(imatrix), "retokenizes_identically": bool(calib_same)},
@@ -204,12 +227,14 @@ def prepare(cfg: BenchConfig) -> Inputs:
 # --------------------------------------------------------------------------------------- entries
 
 
-def file_entry(path: Path, label: str, kind: str, target: str | None = None, note: str = "") -> Entry:
-    """An :class:`Entry` for a GGUF file with its size and bpw (tensor bytes * 8 / weights)."""
+def file_entry(path: Path, label: str, kind: str, target: str | None = None, note: str = "",
+               evals: int | None = 0) -> Entry:
+    """An :class:`Entry` for a GGUF file with its size and bpw (tensor bytes * 8 / weights);
+    ``evals``: the true-KL evaluations the method used to choose it."""
     hdr = GGUFHeader(path)
     nbytes = sum(tensor_nbytes(t.shape, t.qtype) for t in hdr.tensors.values())
     n = sum(int(np.prod(t.shape)) for t in hdr.tensors.values())
-    return Entry(label, kind, path, path.stat().st_size, 8.0 * nbytes / n, target, note)
+    return Entry(label, kind, path, path.stat().st_size, 8.0 * nbytes / n, target, note, evals=evals)
 
 
 def stock_entries(inp: Inputs, cfg: BenchConfig) -> list[Entry]:
@@ -259,7 +284,8 @@ def prepare_searches(inp: Inputs, cfg: BenchConfig, targets: dict[str, int], swe
     """``dynsearch run``'s preparation on the reference at the stock sizes and the sweep sizes:
     the same calibration tokens as the stock mixes' imatrix (checked), candidate types without the
     source format."""
-    types = tuple(t for t in (cfg.types or DEFAULT_TYPES) if t != cfg.source_format)
+    # on the plain copy the source format is lossless: not a candidate; on a dithered one no type is
+    types = tuple(t for t in (cfg.types or DEFAULT_TYPES) if cfg.dither is not None or t != cfg.source_format)
     sizes = [*targets.values(), *sweep]
     rc = RunConfig.parse(str(inp.ref), [budget_spec(b) for b in sizes], types,
                          calib=cfg.calib, calib_tokens=cfg.calib_tokens, eval_tokens=cfg.run_eval_tokens,
@@ -291,7 +317,8 @@ def dynsearch_at_sizes(s: Searches, progress: bool = True) -> list[Entry]:
         if ran or not gguf.is_file():
             pipeline.finish_budget(prep, i, study, result, progress)
             gguf = result.gguf_paths[-1]
-        out.append(file_entry(gguf, f"dynsearch@{label}", "dynsearch", target=target))
+        out.append(file_entry(gguf, f"dynsearch@{label}", "dynsearch", target=target,
+                              evals=best_result(study).n_complete))
     return out
 
 
@@ -333,6 +360,26 @@ def knapsack_baseline(inp: Inputs, s: Searches, dyn: list[Entry]) -> list[Entry]
                                                      "knapsack", i)
         out.append(file_entry(path, f"knapsack@{label}", "knapsack", target=target,
                               note="= dynsearch's file" if same else ""))
+    return out
+
+
+def multipliers_baseline(inp: Inputs, s: Searches, progress: bool = True, storage=None) -> list[Entry]:
+    """The Optuna stage as it was before pinned tensors and moves (``SearchSettings.moves=False``:
+    group multipliers re-solving the knapsack, and refits) at each stock mix's size, with the
+    same trials, in a study of its own (in ``storage``, default the run's: it resumes); its best
+    written with the run's imatrix."""
+    prep, out = s.prep, []
+    if storage is None:
+        storage = pipeline.open_run_storage(prep.cfg, prep.model_path)
+    for i, (label, target) in enumerate(zip(s.labels, s.targets)):
+        if target is None:
+            continue
+        settings = replace(prep.settings(i), moves=False)
+        study = open_study(storage, f"{prep.study_name(i)}-multipliers", prep.space, settings)
+        run_study(study, prep.space, settings, prep.kl_of, show_progress=progress)
+        best = best_result(study)
+        path = write_assignment(s, best.choice, _assignment_path(inp, s, "multipliers", best.choice), "multipliers", i)
+        out.append(file_entry(path, f"multipliers@{label}", "multipliers", target=target, evals=best.n_complete))
     return out
 
 
@@ -417,13 +464,15 @@ def run_quality(cfg: BenchConfig, progress: bool = True) -> tuple[list[Entry], d
     unknown = set(cfg.baselines) - set(BASELINES)
     if unknown:
         raise BenchError(f"unknown baseline(s) {', '.join(sorted(unknown))}; available: {', '.join(BASELINES)}")
+    if cfg.dither is not None and not 0 <= cfg.dither < 2**64:
+        raise BenchError(f"--dither-seed must lie in 0 .. 2**64-1, got {cfg.dither}")
     for flag, v, least in (("--trials", cfg.trials, 1), ("--sweep", cfg.sweep, 0), ("--random", cfg.n_random, 1),
                            ("--run-eval-tokens", cfg.run_eval_tokens, cfg.seq_len)):
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise BenchError(f"{flag} must be a whole number >= {least}, got {v!r}")
-    if ({"knapsack", "random"} & set(cfg.baselines)) and not cfg.with_dynsearch:
-        raise BenchError("the knapsack and random baselines come from dynsearch's profiled search space: "
-                         "add --with-dynsearch")
+    if ({"knapsack", "random", "multipliers"} & set(cfg.baselines)) and not cfg.with_dynsearch:
+        raise BenchError("the knapsack, random and multipliers baselines come from dynsearch's profiled search "
+                         "space: add --with-dynsearch")
     t0 = time.perf_counter()
     inp = prepare(cfg)
     entries = stock_entries(inp, cfg)
@@ -440,11 +489,14 @@ def run_quality(cfg: BenchConfig, progress: bool = True) -> tuple[list[Entry], d
             stages.append(lambda: knapsack_baseline(inp, s, [e for e in entries if e.kind == "dynsearch"]))
         if "random" in cfg.baselines:
             stages.append(lambda: random_baseline(inp, s, cfg.n_random, cfg.seed))
+        if "multipliers" in cfg.baselines:
+            stages.append(lambda: multipliers_baseline(inp, s, progress))
         for stage in stages:  # each stage measured before the next, so that every finished file is cached
             new = stage()
             measure(inp, new, cfg, progress)
             entries += new
-    meta = {**inp.meta, **extra, "config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1)}
+    meta = {**inp.meta, **extra, "config": asdict(cfg), "ablation": ablation_rows(entries),
+            "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "quality.json", entries, meta)
@@ -460,6 +512,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     ap.add_argument("model", nargs="?", default=d.model, help=f"GGUF file or alias (default: {d.model})")
     ap.add_argument("--mixes", default=",".join(d.mixes), help="comma-separated llama.cpp stock mixes")
+    ap.add_argument("--dither-seed", type=int, default=d.dither, dest="dither",
+                    help="the reference is the model dithered with this seed (default: %(default)s)")
+    ap.add_argument("--no-dither", action="store_const", const=None, dest="dither",
+                    help="the reference is the plain dequantized model (its source format is then lossless)")
     ap.add_argument("--no-source-format", action="store_true", help=f"do not make the {d.source_format} file")
     ap.add_argument("--calib", default=None, help="calibration file (.txt or .jsonl); default: the shipped set")
     ap.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
@@ -489,7 +545,7 @@ def _split(s: str) -> tuple[str, ...]:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    return replace(BenchConfig(), model=args.model, mixes=_split(args.mixes),
+    return replace(BenchConfig(), model=args.model, mixes=_split(args.mixes), dither=args.dither,
                    source_format=None if args.no_source_format else BenchConfig.source_format,
                    calib=args.calib, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
                    seq_len=args.seq_len, threads=args.threads, device=args.device, ours=not args.no_ours,
@@ -508,9 +564,11 @@ def main(args: argparse.Namespace) -> int:
           f"calibration tokens")
     print(format_table(entries))
     if any(e.kind == "dynsearch" for e in entries):
-        print("\ndynsearch's best file of equal or smaller size against each stock mix (* : targets 0.70x mean, "
-              "0.80x 99% KLD; others: not worse):")
+        print(f"\ndynsearch's best file of equal or smaller size against each stock mix (* : targets {TARGET_MEAN:.2f}x "
+              f"mean, {TARGET_P99:.2f}x 99% KLD; others: not worse):")
         print(format_comparison(entries))
+        print("\nablation: each method's file at each stock mix's size (held-out KLD, both measures):")
+        print(format_ablation(entries))
     print(f"\nwrote {Path(cfg.out) / 'quality.json'} and {Path(cfg.out) / 'quality.png'}")
     return 0
 

@@ -102,11 +102,22 @@ class SearchSpace:
     def proxy_of(self, choice: np.ndarray) -> float:
         return float(self.errors[np.arange(len(choice)), choice].sum())
 
-    def solve(self, budget: int, log_multipliers: np.ndarray | None = None) -> np.ndarray:
-        """The proxy-optimal choice within ``budget``, optionally with per-group cost multipliers."""
+    def solve(self, budget: int, log_multipliers: np.ndarray | None = None,
+              fixed: dict[int, int] | None = None) -> np.ndarray:
+        """The proxy-optimal choice within ``budget``, optionally with per-group cost multipliers
+        and with some tensors held at a given column (``fixed``: row -> column; the knapsack
+        re-solves the others in the bytes those leave). A ValueError where nothing fits."""
         costs = self.errors
         if log_multipliers is not None:
             costs = costs * np.exp(np.asarray(log_multipliers, dtype=np.float64))[self.groups][:, None]
+        if fixed:
+            costs = costs.copy()
+            for i, j in fixed.items():
+                if not np.isfinite(self.errors[i, j]):
+                    raise ValueError(f"{self.names[i]}: {self.types[j]} is not allowed")
+                keep = costs[i, j]
+                costs[i, :] = np.inf
+                costs[i, j] = keep
         return knapsack.solve_dp(self.sizes, costs, budget).choice
 
     def assignment(self, choice: np.ndarray) -> dict[str, str]:

@@ -2,9 +2,18 @@
 
 Each trial proposes one log-multiplier per tensor group; the group's proxy errors are scaled by it
 and the budgeted knapsack is re-solved, so every candidate fits the budget by construction and
-the search moves in a few dozen dimensions instead of hundreds of tensor types. The first trial
-is the unscaled knapsack optimum (the seed). A candidate whose proxy is far above the seed's is
-pruned before any costly evaluation; a candidate already measured reuses its stored value.
+the search moves in a few dozen dimensions instead of hundreds of tensor types. The largest
+tensors (a tied embedding, an output head: each at least :data:`PIN_SHARE` of the searched
+bytes) also get a categorical parameter of their own, their type or ``auto`` (the knapsack's
+pick): how the budget is split between them and the rest is measured, not left to the proxy.
+The first trial is the unscaled knapsack optimum (the seed). A candidate whose proxy is far above
+the seed's is pruned before any costly evaluation; a candidate already measured reuses its
+stored value.
+
+Besides the sampler's proposals, :class:`Proposer` enqueues trials after each finished one:
+the optimum of the proxy refitted to every measurement, budget-neutral moves around the best
+candidate so far (a large tensor one type up or down, the knapsack re-solving the rest in the
+bytes left), and one group's multiplier moved up or down from the best's.
 """
 
 from __future__ import annotations
@@ -26,6 +35,11 @@ log = logging.getLogger(__name__)
 
 SEED_TRIAL_ATTR = "seed"
 REFIT_TRIAL_ATTR = "refit"
+MOVE_TRIAL_ATTR = "move"
+AUTO = "auto"  # a pinned tensor's parameter value: the knapsack picks its type
+PIN_SHARE = 0.02  # a tensor whose largest candidate is this share of the searched bytes is pinned
+MAX_PINNED = 4
+GROUP_STEP = 0.7  # a group move changes one log-multiplier by this (about a factor 2)
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,7 @@ class SearchSettings:
     proxy_slack: float = 0.25  # prune candidates whose proxy exceeds the seed's by more than this
     refit: bool = True  # propose the knapsack optimum of the proxy refitted to measured KL
     refit_ridge: float = 0.03  # pull of the refitted log-multipliers towards 0 (the plain proxy)
+    moves: bool = True  # pinned largest tensors and the moves around the best (False: multipliers only)
 
 
 SAMPLERS = ("tpe", "cmaes", "gp", "random")  # make_sampler's names (--sampler)
@@ -60,6 +75,35 @@ def _param_names(space: SearchSpace) -> list[str]:
     return [f"m{i:02d}_{g}" for i, g in enumerate(space.group_names)]
 
 
+def pinned_tensors(space: SearchSpace) -> tuple[int, ...]:
+    """Rows of the tensors that get a type parameter of their own: the largest (at most
+    :data:`MAX_PINNED`), each at least :data:`PIN_SHARE` of the searched bytes at its largest type."""
+    big = np.where(np.isfinite(space.errors), space.sizes, 0).max(axis=1).astype(np.float64)
+    share = big / max(big.sum(), 1.0)
+    order = np.argsort(-big, kind="stable")[:MAX_PINNED]
+    return tuple(sorted(int(i) for i in order if share[i] >= PIN_SHARE))
+
+
+def _pin_name(space: SearchSpace, i: int) -> str:
+    return f"pin_{space.names[i]}"
+
+
+def _pin_choices(space: SearchSpace, i: int) -> tuple[str, ...]:
+    return (AUTO, *(space.types[j] for j in range(len(space.types)) if np.isfinite(space.errors[i, j])))
+
+
+def _pins(space: SearchSpace, settings: SearchSettings) -> tuple[int, ...]:
+    return pinned_tensors(space) if settings.moves else ()
+
+
+def decode(space: SearchSpace, settings: SearchSettings, params: dict) -> np.ndarray:
+    """The candidate a trial's parameters stand for (a ValueError where its pins leave no room)."""
+    logm = np.array([params[n] for n in _param_names(space)], dtype=np.float64)
+    fixed = {i: space.types.index(params[_pin_name(space, i)]) for i in _pins(space, settings)
+             if params.get(_pin_name(space, i), AUTO) != AUTO}
+    return space.solve(settings.budget, logm, fixed)
+
+
 def open_study(storage, study_name: str, space: SearchSpace, settings: SearchSettings) -> optuna.Study:
     """Create the study, or load it to resume; refuses a study made for another search space."""
     study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
@@ -75,7 +119,8 @@ def open_study(storage, study_name: str, space: SearchSpace, settings: SearchSet
         study.set_user_attr("budget", int(settings.budget))
         study.set_user_attr("types", list(space.types))
         study.set_user_attr("tensors", list(space.names))
-        study.enqueue_trial({p: 0.0 for p in _param_names(space)},
+        study.enqueue_trial({**{p: 0.0 for p in _param_names(space)},
+                             **{_pin_name(space, i): AUTO for i in _pins(space, settings)}},
                             user_attrs={SEED_TRIAL_ATTR: True}, skip_if_exists=True)
     elif stored != fp or study.user_attrs.get("budget") != int(settings.budget):
         raise DynsearchError(
@@ -95,12 +140,18 @@ def seed_proxy(space: SearchSpace, budget: int) -> float:
 def make_objective(space: SearchSpace, settings: SearchSettings,
                    evaluate: Callable[[np.ndarray], float]) -> Callable[[optuna.Trial], float]:
     names = _param_names(space)
+    pins = _pins(space, settings)
     limit = seed_proxy(space, settings.budget) * (1.0 + settings.proxy_slack)
     m = settings.max_log_multiplier
 
     def objective(trial: optuna.Trial) -> float:
-        logm = np.array([trial.suggest_float(n, -m, m) for n in names])
-        choice = space.solve(settings.budget, logm)
+        params = {n: trial.suggest_float(n, -m, m) for n in names}
+        params.update({_pin_name(space, i): trial.suggest_categorical(_pin_name(space, i), _pin_choices(space, i))
+                       for i in pins})
+        try:
+            choice = decode(space, settings, params)
+        except ValueError as e:  # pinned types too large for the budget
+            raise optuna.TrialPruned(f"pinned types leave no room: {e}") from None
         size, proxy = space.size_of(choice), space.proxy_of(choice)
         if size > settings.budget:  # cannot happen: the knapsack never exceeds it
             raise AssertionError(f"candidate of {size} bytes exceeds the budget {settings.budget}")
@@ -112,7 +163,8 @@ def make_objective(space: SearchSpace, settings: SearchSettings,
             if t.user_attrs.get("choice") == key and t.value is not None:
                 trial.set_user_attr("duplicate_of", t.number)
                 return t.value
-        if proxy > limit and not trial.user_attrs.get(REFIT_TRIAL_ATTR):
+        planned = trial.user_attrs.get(REFIT_TRIAL_ATTR) or trial.user_attrs.get(MOVE_TRIAL_ATTR)
+        if proxy > limit and not planned:  # the proposer's trials are measured whatever their proxy
             raise optuna.TrialPruned(f"proxy {proxy:.4g} above the seed's by more than "
                                      f"{settings.proxy_slack:.0%}")
         value = float(evaluate(choice))
@@ -164,15 +216,23 @@ def refit_log_multipliers(space: SearchSpace, measured: list[tuple[np.ndarray, f
     return a if np.isfinite(a).all() else None
 
 
-class RefitProposer:
-    """Study callback: after each finished trial, enqueue the knapsack optimum of the proxy
-    refitted to all measured trials, unless that candidate was measured already or a proposal is
-    still waiting. Alternating with the sampler's own proposals, the search learns which groups
-    the proxy misjudges from every true-KL measurement (any worker's)."""
+class Proposer:
+    """Study callback: after each finished trial, unless a proposal is still waiting, enqueue the
+    first of these whose candidate was not measured yet (every worker's trials count):
+
+    1. the knapsack optimum of the proxy refitted to all measured trials (``refit``), with the
+       best's pins: the search learns which groups the proxy misjudges from every measurement;
+    2. budget-neutral moves around the best candidate so far (``moves``): each pinned tensor one
+       type up or down from its type there, the knapsack re-solving the rest in the bytes left;
+    3. one group's multiplier moved by :data:`GROUP_STEP` up or down from the best's (``moves``),
+       the groups with the largest share of the best's proxy error first.
+
+    When none is new, the sampler proposes the next trial."""
 
     def __init__(self, space: SearchSpace, settings: SearchSettings):
         self.space, self.settings = space, settings
         self.names = _param_names(space)
+        self.pins = _pins(space, settings)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
@@ -185,15 +245,46 @@ class RefitProposer:
                 keys.add(key)
             if t.state == TrialState.COMPLETE and key is not None and "duplicate_of" not in t.user_attrs:
                 measured.append((parse_choice_key(key), float(t.value)))
-        a = refit_log_multipliers(self.space, measured, self.settings.max_log_multiplier,
-                                  self.settings.refit_ridge)
-        if a is None:
+        done = [t for t in trials if t.state == TrialState.COMPLETE and "choice" in t.user_attrs]
+        if not done:
             return
-        choice = self.space.solve(self.settings.budget, a)
-        if choice_key(choice) in keys:
-            return
-        study.enqueue_trial({n: float(v) for n, v in zip(self.names, a)},
-                            user_attrs={REFIT_TRIAL_ATTR: True})
+        best = min(done, key=lambda t: (t.value, t.number))
+        for params, attrs in self._proposals(best, measured):
+            try:
+                choice = decode(self.space, self.settings, params)
+            except ValueError:
+                continue
+            key = choice_key(choice)
+            if key not in keys:
+                study.enqueue_trial(params, user_attrs=attrs)
+                return
+            keys.add(key)
+
+    def _proposals(self, best: optuna.trial.FrozenTrial, measured: list[tuple[np.ndarray, float]]):
+        space, settings = self.space, self.settings
+        base = {**{n: float(best.params.get(n, 0.0)) for n in self.names},
+                **{_pin_name(space, i): best.params.get(_pin_name(space, i), AUTO) for i in self.pins}}
+        choice = parse_choice_key(best.user_attrs["choice"])
+        if settings.refit:
+            a = refit_log_multipliers(space, measured, settings.max_log_multiplier, settings.refit_ridge)
+            if a is not None:
+                yield {**base, **{n: float(v) for n, v in zip(self.names, a)}}, {REFIT_TRIAL_ATTR: True}
+        for i in self.pins:
+            allowed = [j for j in range(len(space.types)) if np.isfinite(space.errors[i, j])]
+            sizes = sorted({int(space.sizes[i, j]) for j in allowed})
+            k = sizes.index(int(space.sizes[i, choice[i]]))
+            for size in sizes[k + 1: k + 2] + sizes[max(k - 1, 0): k]:  # one up, one down
+                j = min((j for j in allowed if space.sizes[i, j] == size), key=lambda j: space.errors[i, j])
+                yield ({**base, _pin_name(space, i): space.types[j]},
+                       {MOVE_TRIAL_ATTR: f"{space.names[i]} {space.written[i][choice[i]]} -> {space.written[i][j]}"})
+        if settings.moves:
+            m = settings.max_log_multiplier
+            for g in np.argsort(-group_errors(space, choice), kind="stable"):
+                name = self.names[g]
+                for step in (GROUP_STEP, -GROUP_STEP):
+                    v = float(np.clip(base[name] + step, -m, m))
+                    if v != base[name]:
+                        yield {**base, name: v}, {MOVE_TRIAL_ATTR: f"{space.group_names[g]} x{math.exp(v - base[name]):.2f}"}
 
 
 def run_study(study: optuna.Study, space: SearchSpace, settings: SearchSettings,
@@ -209,7 +300,8 @@ def run_study(study: optuna.Study, space: SearchSpace, settings: SearchSettings,
         return study
     callback = optuna.study.MaxTrialsCallback(settings.n_trials,
                                               states=(TrialState.COMPLETE, TrialState.PRUNED))
-    callbacks = [callback] + ([RefitProposer(space, settings)] if settings.refit else [])
+    proposing = settings.refit or settings.moves
+    callbacks = [callback] + ([Proposer(space, settings)] if proposing else [])
     study.optimize(make_objective(space, settings, evaluate), n_trials=remaining,
                    timeout=settings.timeout, callbacks=callbacks, catch=(DynsearchError,),
                    show_progress_bar=show_progress, gc_after_trial=False)

@@ -8,7 +8,7 @@ Spearman rank correlation with true KL of two proxies:
 
 - the raw second-order proxy (what the knapsack seed optimises), and
 - the *fitted* proxy: the raw one with per-group sensitivities fitted to measured KL, as the
-  search's :class:`~dynsearch.search.study.RefitProposer` does during a study. Its figure is
+  search's :class:`~dynsearch.search.study.Proposer` does during a study. Its figure is
   cross-validated: each assignment is predicted by a fit on the others only (leave one out).
 """
 

@@ -149,6 +149,20 @@ def test_same_seed_same_bytes_other_seed_other_noise(synthetic, tmp_path):
         assert not np.array_equal(other.load(n), first.load(n)), n
 
 
+def test_cached_copy_is_made_once_per_source_and_seed(synthetic, tmp_path, monkeypatch):
+    """The quality benchmark's reference: dithered once into the cache, then reused as it is."""
+    from dynsearch.bench import dither
+
+    monkeypatch.setenv("DYNSEARCH_CACHE", str(tmp_path / "cache"))
+    first = dither.dithered_copy(synthetic["src"], 7)
+    assert first.parent == tmp_path / "cache" / "dither" and filecmp.cmp(first, synthetic["out"], shallow=False)
+    monkeypatch.setattr(dither, "dither_model", lambda *a, **k: pytest.fail("dithered again"))
+    assert dither.dithered_copy(synthetic["src"], 7) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("DYNSEARCH_CACHE", str(tmp_path / "cache"))
+    assert dither.dithered_copy(synthetic["src"], 8) != first
+
+
 def test_cli_writes_the_same_file_and_bf16(synthetic, tmp_path, capsys):
     out = tmp_path / "cli.gguf"
     assert bench_main(["dither", str(synthetic["src"]), "-o", str(out), "--seed", "7", "--quiet"]) == 0

@@ -95,10 +95,62 @@ def test_refit_proposals_reach_the_true_optimum():
     oracle = evaluate(knapsack.solve_dp(space.sizes, space.errors * weight[:, None], budget).choice)
     best = {}
     for refit in (False, True):
-        settings = SearchSettings(budget=budget, n_trials=24, seed=1, refit=refit)
+        settings = SearchSettings(budget=budget, n_trials=24, seed=1, refit=refit, moves=False)
         study = open_study(None, f"refit-{refit}", space, settings)
         run_study(study, space, settings, evaluate, show_progress=False)
         best[refit] = best_result(study).value
         if refit:
             assert any(t.user_attrs.get("refit") for t in study.trials)
     assert best[True] <= 1.01 * oracle < best[False]
+
+
+def _big_embedding_space():
+    """The synthetic space with its embedding 12x larger (a tied embedding's share of a small model)."""
+    from dynsearch.search.space import SearchSpace
+
+    space, _ = synthetic_space(seed=2)
+    sizes, errors = space.sizes.copy(), space.errors.copy()
+    sizes[0] *= 12
+    errors[0] *= 12
+    return SearchSpace(space.names, space.types, space.written, sizes, errors, space.groups, space.group_names,
+                       space.n_weights)
+
+
+def test_the_largest_tensors_are_pinned():
+    from dynsearch.search.study import PIN_SHARE, pinned_tensors
+
+    space = _big_embedding_space()
+    pins = pinned_tensors(space)
+    big = space.sizes.max(axis=1) / space.sizes.max(axis=1).sum()
+    assert pins[0] == 0 and 1 <= len(pins) <= 4  # the embedding, and at most 3 more
+    assert all(big[i] >= PIN_SHARE for i in pins)
+    assert all(big[i] <= min(big[j] for j in pins) for i in range(len(big)) if i not in pins)
+
+
+def test_moves_find_the_split_a_proxy_misjudges_where_multipliers_do_not():
+    """A truth that weighs the (pinned) embedding 4x more than the proxy does: within 12 trials the
+    moves (the embedding one type up, the knapsack re-solving the rest) reach the true optimum,
+    while group multipliers and refits alone stay at the seed."""
+    from dynsearch.search import knapsack
+    from dynsearch.search.study import MOVE_TRIAL_ATTR
+
+    space = _big_embedding_space()
+    weight = np.ones(len(space.names))
+    weight[0] = 4.0
+    evaluate = true_kl(space, weight)
+    budget = (space.min_size() + space.max_size()) // 2
+    oracle = evaluate(knapsack.solve_dp(space.sizes, space.errors * weight[:, None], budget).choice)
+    seed = evaluate(space.solve(budget))
+    assert seed > 1.3 * oracle
+    best = {}
+    for moves in (False, True):
+        settings = SearchSettings(budget=budget, n_trials=12, seed=1, moves=moves)
+        study = open_study(None, f"moves-{moves}", space, settings)
+        run_study(study, space, settings, evaluate, show_progress=False)
+        best[moves] = best_result(study).value
+        for t in study.trials:
+            size = t.user_attrs.get("size")
+            assert size is None or size <= budget
+        moved = [t for t in study.trials if MOVE_TRIAL_ATTR in t.user_attrs]
+        assert bool(moved) == moves
+    assert best[True] <= 1.001 * oracle and best[False] > 1.3 * oracle
