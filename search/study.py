@@ -217,8 +217,9 @@ def refit_log_multipliers(space: SearchSpace, measured: list[tuple[np.ndarray, f
 
 
 class Proposer:
-    """Study callback: after each finished trial, unless a proposal is still waiting, enqueue the
-    first of these whose candidate was not measured yet (every worker's trials count):
+    """Study callback: after each finished trial, unless a proposal is still waiting or the study
+    has its trials, enqueue the first of these whose candidate was not measured yet (every
+    worker's trials count):
 
     1. the knapsack optimum of the proxy refitted to all measured trials (``refit``), with the
        best's pins: the search learns which groups the proxy misjudges from every measurement;
@@ -238,6 +239,8 @@ class Proposer:
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
             return
+        if sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) >= self.settings.n_trials:
+            return  # the study is done: a proposal now would wait for a trial that never comes
         measured, keys = [], set()
         for t in trials:
             key = t.user_attrs.get("choice")

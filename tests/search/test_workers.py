@@ -43,7 +43,7 @@ from dynsearch.search.run.storage import (
 )
 from dynsearch.search.run.worker import work
 from dynsearch.search.space import parse_choice_key
-from dynsearch.search.study import REFIT_TRIAL_ATTR, best_result, open_study, run_study
+from dynsearch.search.study import MOVE_TRIAL_ATTR, REFIT_TRIAL_ATTR, best_result, open_study, run_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -120,8 +120,9 @@ def test_three_workers_two_killed_mid_trial(storage_url, tmp_path):
     finished = states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED)
     assert n <= finished <= n + 3 - 1
     assert TrialState.RUNNING not in states
-    # queued and never run: only a refit proposal made after the last trial, no retry
-    assert all(t.user_attrs.get(REFIT_TRIAL_ATTR) for t in trials if t.state == TrialState.WAITING)
+    # queued and never run: only a proposal (refit or move) made after the last trial, no retry
+    assert all(t.user_attrs.get(REFIT_TRIAL_ATTR) or t.user_attrs.get(MOVE_TRIAL_ATTR)
+               for t in trials if t.state == TrialState.WAITING)
     assert len({t.number for t in trials}) == len(trials)
     for k in killed:
         assert trials[k].state == TrialState.FAIL
