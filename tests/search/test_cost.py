@@ -220,17 +220,17 @@ def test_matmul_rate_and_its_cache_are_per_device(tmp_path, monkeypatch):
     timed = []  # the torch quantizers, timed on the device for the pairs they cover
     monkeypatch.setattr(cost, "measure_device_quant", lambda t, n, device, **k: timed.append((t, device)) or 1e-10)
     path = tmp_path / "throughput.json"
-    pairs = {("Q4_0", 256), ("Q4_K", 256)}  # Q4_K: no torch quantizer yet
+    pairs = {("Q4_0", 256), ("IQ3_S", 256)}  # IQ3_S: no torch quantizer
     cpu = throughput(pairs, cache=path)
     assert cpu.flops == 1e9 and cpu.device_quant_s == {} and cpu.profile_quant_s("Q4_0", 256) == 1e-8
     gpu = throughput(pairs, cache=path, device="cuda:1")
     assert gpu.flops == 1e9 and gpu.device_quant_s == {("Q4_0", 256): 1e-10}
-    assert gpu.profile_quant_s("Q4_0", 256) == 1e-10 and gpu.profile_quant_s("Q4_K", 256) == 1e-8
+    assert gpu.profile_quant_s("Q4_0", 256) == 1e-10 and gpu.profile_quant_s("IQ3_S", 256) == 1e-8
     throughput(pairs, cache=path, device="cuda")  # cached: any CUDA device of this host
     assert got == ["cpu", "cuda:1"] and timed == [("Q4_0", "cuda:1")]
     mine = json.loads(path.read_text())[socket.gethostname()]
     assert set(mine) == {"flops", "flops@cuda", "quant"}
-    assert set(mine["quant"]) == {"Q4_0@256", "Q4_K@256", "Q4_0@256@cuda"}
+    assert set(mine["quant"]) == {"Q4_0@256", "IQ3_S@256", "Q4_0@256@cuda"}
     assert cost.measure_matmul_flops(n=64, repeat=1, device="meta") > 0  # runs where asked
 
 

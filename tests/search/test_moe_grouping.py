@@ -92,7 +92,8 @@ def test_grouped_search_respects_budget(source, tmp_path, mode):
     run_study(study, space, settings, truth, show_progress=False)
     sized = [t.user_attrs["size"] for t in study.trials if "size" in t.user_attrs]
     assert len(sized) >= 12 and max(sized) <= budget
-    assert all(any(p.endswith(f"_{g}") for g in space.group_names) for p in study.best_trial.params)
+    assert all(p.startswith("pin_") or any(p.endswith(f"_{g}") for g in space.group_names)
+               for p in study.best_trial.params)  # group multipliers, and pinned tensors' types
     res = best_result(study)
     assert res.value <= res.seed_value
     if mode == "kind":  # one variable moves every layer's ffn_down_exps: the search finds the bias
