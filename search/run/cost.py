@@ -31,6 +31,7 @@ from dynsearch.objectives.evaluate import default_cache_bytes
 from dynsearch.objectives.forward import HEAD_ROWS_BYTES, BlockwiseForward, synchronize, to_device
 from dynsearch.objectives.stats.capture import ActivationStats, CaptureConfig, input_group
 from dynsearch.objectives.stats.fisher import HEAD_CHUNK_BYTES
+from dynsearch.objectives.stats.moe import is_expert_stack
 from dynsearch.system import cache_root
 
 SAMPLE_WEIGHTS = 1 << 17  # weights timed per (type, row width): a few ms each once compiled
@@ -225,11 +226,6 @@ class BlockPace:
     capture: float = 1.0
 
 
-def _is_expert_stack(name: str) -> bool:
-    """An MoE layer's routed expert stack (``ffn_{gate,up,down}_exps``)."""
-    return "_exps." in name or name.endswith("_exps")
-
-
 def measure_block_pace(source, seq_len: int, flops: float, device: str = "cpu") -> BlockPace:
     """Time the heaviest block of ``source`` (weights loaded from the file, as a pass does) on one
     sequence of ``seq_len`` random hidden states on ``device``, plainly and with the statistics'
@@ -274,7 +270,7 @@ def estimate(source, cfg, tp: Throughput | None = None, pace: BlockPace | None =
     n_params = int(sum(int(np.prod(source.shape(n))) for n in source.names()))
     # an MoE token runs n_expert_used of each stack's n_expert experts: the passes pay that share
     routed = mc.n_expert_used / mc.n_expert if mc.n_expert else 1.0
-    block_params = sum(int(np.prod(s)) * (routed if _is_expert_stack(n) else 1.0)
+    block_params = sum(int(np.prod(s)) * (routed if is_expert_stack(n) else 1.0)
                        for n, s in shapes.items() if n.startswith("blk."))
     head_name = "output.weight" if "output.weight" in shapes else "token_embd.weight"
     head_params = int(np.prod(shapes[head_name]))
@@ -295,7 +291,7 @@ def estimate(source, cfg, tp: Throughput | None = None, pace: BlockPace | None =
         w = int(np.prod(shp))
         on_dev = sum(tp.profile_quant_s(t, shp[-1]) * w for t in eff[n] if (t, shp[-1]) in tp.device_quant_s)
         on_host = sum(tp.quant_s[(t, shp[-1])] * w for t in eff[n] if (t, shp[-1]) not in tp.device_quant_s)
-        if _is_expert_stack(n):  # per expert, the diagonal of X^T X: (dW^2) h, 2 w FLOPs (moe.expert_error)
+        if is_expert_stack(n):  # per expert, the diagonal of X^T X: (dW^2) h, 2 w FLOPs (moe.expert_error)
             err = len(eff[n]) * 2.0 * w / (tp.flops / F64_SLOWDOWN)
         else:  # in float64: quant_error
             err = len(eff[n]) * 2.0 * w * shp[-1] / (tp.flops / F64_SLOWDOWN)
@@ -331,7 +327,7 @@ def estimate(source, cfg, tp: Throughput | None = None, pace: BlockPace | None =
     peak = FLOOR_BYTES + 2 * block_bytes + grams + hidden + max(head, workers * per_worker) + qcache
 
     # disk: the statistics (X^T X per tensor, float32), the Fisher spill, the GGUF(s)
-    stats_disk = sum(4 * (shapes[n][0] if _is_expert_stack(n) else shapes[n][-1]) * shapes[n][-1] for n in names)
+    stats_disk = sum(4 * (shapes[n][0] if is_expert_stack(n) else shapes[n][-1]) * shapes[n][-1] for n in names)
     spill = 4 * d * cfg.fisher_tokens * mc.n_layer
     gguf = n_budgets * sum(tensor_nbytes(shapes[n], eff[n][len(eff[n]) // 2]) for n in names)
     return CostEstimate(stats_s=stats_s, profile_s=profile_s, search_s=search_s, write_s=write_s,
