@@ -11,7 +11,19 @@ import logging
 import sys
 from types import ModuleType
 
-from dynsearch.bench import device, dither, forward, kernels, llamacpp, lossless, memory, quality, scale, synthetic
+from dynsearch.bench import (
+    device,
+    dither,
+    forward,
+    kernels,
+    llamacpp,
+    lossless,
+    memory,
+    quality,
+    scale,
+    synthetic,
+    tied,
+)
 from dynsearch.errors import DynsearchError
 
 # name: (module, one line for the list of subcommands)
@@ -25,6 +37,7 @@ COMMANDS: dict[str, tuple[ModuleType, str]] = {
     "lossless": (lossless, "which types re-quantize a model's weights exactly; shares of a type"),
     "synthetic": (synthetic, "write a random-weight GGUF of a given shape (llama, qwen3moe, llama4)"),
     "dither": (dither, "a fair reference model: a quantized GGUF's weights moved off their grid, as F32/BF16"),
+    "tied": (tied, "a tied embedding's two roles (lookup, head): proxy terms against true KL"),
     "llamacpp": (llamacpp, "build or locate llama.cpp's tools (llama-quantize, -perplexity, -imatrix)"),
 }
 

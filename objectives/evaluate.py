@@ -116,27 +116,33 @@ class KLEvaluator:
         self.tokens = np.asarray(tokens)
         self.ref_hidden = forward.hidden_states(self.tokens)  # (n_seq, T, d), the reference
 
-    def _pairs(self, overrides: Mapping[str, np.ndarray], positions: slice
+    def _pairs(self, overrides: Mapping[str, np.ndarray], positions: slice,
+               head_overrides: Mapping[str, np.ndarray] | None = None
                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """(start, reference log-probs, candidate logits), each (n, n_vocab), per chunk of the
         rows at ``positions`` of every sequence (flattened: sequence-major), a few dozen rows at a
-        time (:meth:`BlockwiseForward.head_rows`): no vocabulary-wide array of a whole sequence."""
+        time (:meth:`BlockwiseForward.head_rows`): no vocabulary-wide array of a whole sequence.
+        ``head_overrides``: the output norm and head's weights, where they differ from
+        ``overrides`` (a tied embedding's two roles measured apart)."""
         fwd = self.forward
-        hidden = fwd.hidden_states(self.tokens, overrides)
+        hidden = fwd.hidden_states(self.tokens, overrides) if overrides else self.ref_hidden
         d = hidden.shape[-1]
         ref_w = fwd.head_weights()
-        own = overrides is not None and any(n in overrides for n in ("output_norm.weight", fwd.head_name))
-        cand_w = fwd.head_weights(overrides) if own else ref_w  # one copy where the head is kept
+        head = overrides if head_overrides is None else head_overrides
+        own = head is not None and any(n in head for n in ("output_norm.weight", fwd.head_name))
+        cand_w = fwd.head_weights(head) if own else ref_w  # one copy where the head is kept
         ref_rows = self.ref_hidden[:, positions].reshape(-1, d)
         rows = hidden[:, positions].reshape(-1, d)
         for (s, ref), (_, cand) in zip(fwd.head_rows(ref_rows, log_probs=True, weights=ref_w),
                                        fwd.head_rows(rows, weights=cand_w)):
             yield s, ref, cand
 
-    def mean_kl(self, overrides: Mapping[str, np.ndarray]) -> float:
-        """Mean over all token positions of KL(ref || candidate)."""
+    def mean_kl(self, overrides: Mapping[str, np.ndarray],
+                head_overrides: Mapping[str, np.ndarray] | None = None) -> float:
+        """Mean over all token positions of KL(ref || candidate); ``head_overrides``: the head's
+        weights where they differ from ``overrides`` (see :meth:`_pairs`)."""
         total, count = 0.0, 0
-        for _, ref, cand in self._pairs(overrides, slice(None)):
+        for _, ref, cand in self._pairs(overrides, slice(None), head_overrides):
             total += mean_kl(ref, cand) * ref.shape[0]
             count += ref.shape[0]
         return total / count

@@ -156,6 +156,7 @@ class Prepared:
     fixed: dict[str, str]  # tensor -> type for the tensors not searched (1-D, routers, --keep)
     tensor_budgets: list[int]  # bytes of searched tensor data per budget
     calib_desc: dict  # the calibration's description, sha256, n_tokens, seq_len
+    stats_path: Path  # the statistics file (activation second moments, Fisher, imatrix)
     search_tokens: np.ndarray  # (n_seq, seq_len) true KL during the search
     eval_tokens: np.ndarray  # (n_seq, seq_len) held-out tokens for the final measurement
     importance: dict  # tensor -> imatrix importance vector (or None)
@@ -221,5 +222,6 @@ def prepare(cfg: RunConfig, model: RunModel, progress: bool = True) -> Prepared:
     routing = routing_table({n: stats[n].expert_counts for n in searched if is_expert_stack(n) and n in stats})
     return Prepared(cfg=cfg, model_path=model.path, source=source, model_key=model_key, run_dir=run_dir,
                     names=names, fixed=fixed, tensor_budgets=budgets, calib_desc=tokens.desc,
+                    stats_path=stats_path,
                     search_tokens=tokens.search, eval_tokens=tokens.held_out, importance=importance_of(stats),
                     space=space, forward=forward, routing=routing, seconds=seconds)
