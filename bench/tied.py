@@ -26,19 +26,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from dynsearch.atomic import atomic_write_text
 from dynsearch.errors import BenchError
-from dynsearch.kernels import dequantize, quantize_tensor
 from dynsearch.objectives.evaluate import KLEvaluator, QuantCache, QuantizedWeights
 from dynsearch.objectives.stats.store import load_stats
 from dynsearch.search.profile import quant_error
-from dynsearch.search.run.config import RunConfig
-from dynsearch.search.run.prepare import Prepared, RunModel, prepare
+from dynsearch.search.run.config import RunConfig, default, parse_types
+from dynsearch.search.run.prepare import Prepared, RunModel, fixed_types, prepare
 
 EMBD = "token_embd.weight"
 TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
@@ -74,16 +73,22 @@ class RoleRow:
         return self.kl_rest / self.proxy_rest
 
 
+def check_inputs(model_name: str, names, searched, types: tuple[str, ...], candidates: tuple[str, ...]) -> None:
+    """One :class:`BenchError` line unless the model's embedding is tied and searched (``names``:
+    every tensor; ``searched``: those the run searches) and every type is a candidate."""
+    if EMBD not in searched:
+        raise BenchError(f"{model_name}: {EMBD} is not searched (kept by --keep?)")
+    if "output.weight" in names:
+        raise BenchError(f"{model_name} has its own output.weight: its embedding is not tied")
+    missing = [t for t in types if t not in candidates]
+    if missing:
+        raise BenchError(f"type(s) {', '.join(missing)} are not among the run's candidates {', '.join(candidates)}")
+
+
 def role_rows(prep: Prepared, types: tuple[str, ...], progress: bool = True) -> list[RoleRow]:
     """One :class:`RoleRow` per type of ``types`` (each a candidate of the run)."""
     space, source = prep.space, prep.source
-    if EMBD not in space.names:
-        raise BenchError(f"{prep.model_path.name}: {EMBD} is not searched (kept by --keep?)")
-    if prep.forward.head_name != EMBD:
-        raise BenchError(f"{prep.model_path.name} has its own output.weight: its embedding is not tied")
-    missing = [t for t in types if t not in space.types]
-    if missing:
-        raise BenchError(f"type(s) {', '.join(missing)} are not among the run's candidates {', '.join(space.types)}")
+    check_inputs(prep.model_path.name, prep.names, space.names, types, space.types)
     e = space.names.index(EMBD)
     st = load_stats(prep.stats_path)[EMBD]
     head_stats = replace(st, row_weight=None, fisher_col=None)
@@ -96,7 +101,7 @@ def role_rows(prep: Prepared, types: tuple[str, ...], progress: bool = True) -> 
         t0 = time.perf_counter()
         j = space.types.index(qtype)
         written = space.written[e][j]
-        dq = dequantize(quantize_tensor(w, written, prep.importance.get(EMBD)), written, w.shape[-1]).reshape(w.shape)
+        dq = QuantizedWeights(source, {EMBD: written}, prep.importance.get, cache)[EMBD]
         ph, pl = quant_error(w, dq, head_stats), quant_error(w, dq, lookup_stats)
         if not np.isclose(ph + pl, space.errors[e, j], rtol=1e-6, atol=0.0):
             raise BenchError(f"{EMBD} at {qtype}: the proxy's two terms {ph:.6g} + {pl:.6g} do not add up to "
@@ -105,8 +110,9 @@ def role_rows(prep: Prepared, types: tuple[str, ...], progress: bool = True) -> 
         kl_head = ev.mean_kl({}, head_overrides=ours)
         kl_lookup = ev.mean_kl(ours, head_overrides={})
         kl_both = ev.mean_kl(ours)
-        rest = {n: space.written[i][j] for i, n in enumerate(space.names) if i != e and np.isfinite(space.errors[i, j])}
-        proxy_rest = float(sum(space.errors[space.names.index(n), j] for n in rest))
+        others = [i for i in range(len(space.names)) if i != e and np.isfinite(space.errors[i, j])]
+        rest = {space.names[i]: space.written[i][j] for i in others}
+        proxy_rest = float(space.errors[others, j].sum())
         kl_rest = ev.mean_kl(QuantizedWeights(source, rest, prep.importance.get, cache))
         rows.append(RoleRow(qtype, written, int(space.sizes[e, j]), ph, pl, kl_head, kl_lookup, kl_both, proxy_rest, kl_rest))
         if progress:
@@ -135,20 +141,24 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("model", help="GGUF file or alias with a tied embedding (e.g. a dithered demo)")
     ap.add_argument("--types", default=",".join(TYPES), help="comma-separated types (default: %(default)s)")
     ap.add_argument("--out", default="runs/tied", help="the run folder: statistics and profiles cached there")
-    ap.add_argument("--search-tokens", type=int, default=RunConfig.search_tokens,
+    ap.add_argument("--search-tokens", type=int, default=default("search_tokens"),
                     help="tokens the KL is measured on (default: %(default)s, as dynsearch run)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
 
 def main(args: argparse.Namespace) -> int:
-    types = tuple(t.strip() for t in args.types.split(",") if t.strip())
+    types = parse_types(t.strip() for t in args.types.split(",") if t.strip())
     rc = RunConfig.parse(args.model, ["8bpw"], search_tokens=args.search_tokens, out=args.out)
-    prep = prepare(rc, RunModel.open(rc.model))
+    model = RunModel.open(rc.model)
+    names = model.source.names()
+    fixed = fixed_types(model.source, rc)
+    check_inputs(model.path.name, names, [n for n in names if n not in fixed], types, rc.types)  # before any costly work
+    prep = prepare(rc, model)
     rows = role_rows(prep, types)
     print(f"{prep.model_path.name}: {EMBD}'s two roles, true KL on {prep.search_tokens.size} search tokens")
     print(format_rows(rows))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(
-            [{**r.__dict__, "ratio_head": r.ratio_head, "ratio_lookup": r.ratio_lookup,
+            [{**asdict(r), "ratio_head": r.ratio_head, "ratio_lookup": r.ratio_lookup,
               "ratio_both": r.ratio_both, "ratio_rest": r.ratio_rest} for r in rows], indent=1))
     return 0
