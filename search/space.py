@@ -96,6 +96,10 @@ class SearchSpace:
     def max_size(self) -> int:
         return knapsack.max_size(self.sizes, self.errors)
 
+    def allowed(self, i: int) -> list[int]:
+        """The columns (candidate types) tensor ``i`` may take."""
+        return [j for j in range(len(self.types)) if np.isfinite(self.errors[i, j])]
+
     def size_of(self, choice: np.ndarray) -> int:
         return int(self.sizes[np.arange(len(choice)), choice].sum())
 

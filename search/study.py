@@ -89,7 +89,7 @@ def _pin_name(space: SearchSpace, i: int) -> str:
 
 
 def _pin_choices(space: SearchSpace, i: int) -> tuple[str, ...]:
-    return (AUTO, *(space.types[j] for j in range(len(space.types)) if np.isfinite(space.errors[i, j])))
+    return (AUTO, *(space.types[j] for j in space.allowed(i)))
 
 
 def _pins(space: SearchSpace, settings: SearchSettings) -> tuple[int, ...]:
@@ -273,7 +273,7 @@ class Proposer:
             if a is not None:
                 yield {**base, **{n: float(v) for n, v in zip(self.names, a)}}, {REFIT_TRIAL_ATTR: True}
         for i in self.pins:
-            allowed = [j for j in range(len(space.types)) if np.isfinite(space.errors[i, j])]
+            allowed = space.allowed(i)
             sizes = sorted({int(space.sizes[i, j]) for j in allowed})
             k = sizes.index(int(space.sizes[i, choice[i]]))
             for size in sizes[k + 1: k + 2] + sizes[max(k - 1, 0): k]:  # one up, one down

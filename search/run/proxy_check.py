@@ -35,7 +35,7 @@ def random_feasible(space: SearchSpace, budget: int, rng: np.random.Generator) -
     to a random cheaper type; then random tensors move to random dearer types that still fit.
     """
     n = len(space.names)
-    allowed = [np.flatnonzero(np.isfinite(space.errors[i])) for i in range(n)]
+    allowed = [np.asarray(space.allowed(i), dtype=np.intp) for i in range(n)]
     if any(len(a) == 0 for a in allowed):
         raise BudgetError("a tensor has no allowed type")
     if space.min_size() > budget:
