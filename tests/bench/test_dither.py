@@ -295,3 +295,21 @@ def test_demo_requantized_to_its_source_type_is_not_lossless(demo_model, demo_di
 @pytest.mark.slow
 def test_demo_same_seed_same_bytes(demo_model, demo_dithered, tmp_path):
     assert filecmp.cmp(dither_model(demo_model, tmp_path / "again.gguf", seed=0), demo_dithered, shallow=False)
+
+
+@pytest.mark.slow
+def test_proxy_ranks_random_assignments_of_the_dithered_demo(demo_dithered, tmp_path, capsys):
+    """`dynsearch proxy-check` on the fair reference (on the plain demo the source grid's lossless
+    types make the ranking easy): the fitted proxy's rank correlation with true KL over 30 random
+    assignments that fill the budget stays above a floor, on a smaller run than the documented one
+    (measured at these settings: Spearman 0.760 raw, 0.736 fitted, on 512 noisy search tokens; the
+    documented run on 2,048: 0.800 and 0.934; a proxy that ranks nothing gives about 0)."""
+    from dynsearch.cli import main
+
+    rc = main(["proxy-check", str(demo_dithered), "--budget", "100MB", "--n", "30", "--calib-tokens", "2048",
+               "--fisher-tokens", "1024", "--search-tokens", "512", "--eval-tokens", "512",
+               "--out", str(tmp_path), "--quiet", "--min-spearman", "0.6"])
+    printed = capsys.readouterr().out
+    print(printed)
+    assert "Spearman" in printed
+    assert rc == 0, printed
