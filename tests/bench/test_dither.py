@@ -16,6 +16,7 @@ from gguf import GGUFReader, LlamaFileType
 from dynsearch.bench.__main__ import main as bench_main
 from dynsearch.bench.dither import DITHERABLE, SEED_KEY, SOURCE_TYPE_KEY, block_steps, dither_model
 from dynsearch.bench.synthetic import Shape, write_synthetic_model
+from dynsearch.cli import main as cli_main
 from dynsearch.errors import ModelError
 from dynsearch.kernels import QT, dequantize, quantize, quantize_tensor, type_info
 from dynsearch.objectives.io.gguf_source import GGUFSource
@@ -304,11 +305,9 @@ def test_proxy_ranks_random_assignments_of_the_dithered_demo(demo_dithered, tmp_
     assignments that fill the budget stays above a floor, on a smaller run than the documented one
     (measured at these settings: Spearman 0.760 raw, 0.736 fitted, on 512 noisy search tokens; the
     documented run on 2,048: 0.800 and 0.934; a proxy that ranks nothing gives about 0)."""
-    from dynsearch.cli import main
-
-    rc = main(["proxy-check", str(demo_dithered), "--budget", "100MB", "--n", "30", "--calib-tokens", "2048",
-               "--fisher-tokens", "1024", "--search-tokens", "512", "--eval-tokens", "512",
-               "--out", str(tmp_path), "--quiet", "--min-spearman", "0.6"])
+    rc = cli_main(["proxy-check", str(demo_dithered), "--budget", "100MB", "--n", "30", "--calib-tokens", "2048",
+                   "--fisher-tokens", "1024", "--search-tokens", "512", "--eval-tokens", "512",
+                   "--out", str(tmp_path), "--quiet", "--min-spearman", "0.6"])
     printed = capsys.readouterr().out
     print(printed)
     assert "Spearman" in printed
