@@ -47,3 +47,17 @@ def test_fitted_proxy_learns_what_the_raw_proxy_misjudges():
     res = check_proxy(space, budget, evaluate, n=30, seed=2)
     assert res.spearman_fitted > res.spearman + 0.05
     assert res.spearman_fitted > 0.95
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("demo_model")
+def test_proxy_ranks_random_assignments_of_the_demo_model(tmp_path, capsys):
+    from dynsearch.cli import main
+
+    rc = main(["proxy-check", "smollm2-135m", "--budget", "100MB", "--n", "30", "--calib-tokens", "2048",
+               "--fisher-tokens", "1024", "--search-tokens", "512", "--eval-tokens", "512",
+               "--out", str(tmp_path), "--quiet", "--min-spearman", "0.75"])
+    printed = capsys.readouterr().out
+    print(printed)
+    assert "Spearman" in printed
+    assert rc == 0, printed
