@@ -158,20 +158,22 @@ class MCSet:
 # ------------------------------------------------------------------------------------- compare
 
 
-def _scored_hidden(forward, chunks: np.ndarray) -> torch.Tensor:
+def scored_hidden(forward, chunks: np.ndarray) -> torch.Tensor:
     """The final residual stream at the scored positions, (n_chunk, n_scored, d)."""
     return forward.hidden_states(chunks)[:, scored_positions(chunks.shape[1])].clone()
 
 
-def _kl_stats(ref_fwd, ref_hidden: torch.Tensor, fwd, hidden: torch.Tensor, targets: np.ndarray) -> KLStats:
-    """KL statistics of the scored rows, a few dozen at a time (``head_rows``)."""
+def kl_accumulator(ref_fwd, ref_hidden: torch.Tensor, fwd, hidden: torch.Tensor,
+                   targets: np.ndarray) -> KLAccumulator:
+    """Per-token KL of the scored rows (:func:`scored_hidden` of both forwards), a few dozen rows
+    at a time (``head_rows``); ``.result()`` gives the statistics, ``.values()`` the tokens."""
     acc = KLAccumulator()
     d = hidden.shape[-1]
     tgt = torch.as_tensor(np.asarray(targets).reshape(-1), dtype=torch.long)
     for (s, ref), (_, cand) in zip(ref_fwd.head_rows(ref_hidden.reshape(-1, d)),
                                    fwd.head_rows(hidden.reshape(-1, d))):
         acc.update(ref, cand, tgt[s:s + ref.shape[0]])
-    return acc.result()
+    return acc
 
 
 def compare_files(candidates: Sequence[Path], ref: Path, tokens: np.ndarray | None = None, *,
@@ -193,13 +195,13 @@ def compare_files(candidates: Sequence[Path], ref: Path, tokens: np.ndarray | No
 
     bar = tqdm(total=len(opened) + 1, desc="eval", unit="model", disable=not progress)
     ref_fwd = BlockwiseForward(ref_src, device=device)
-    ref_hidden = _scored_hidden(ref_fwd, chunks)
+    ref_hidden = scored_hidden(ref_fwd, chunks)
     ref_mc = mc.scores(ref_fwd) if mc else None
     bar.update()
     out = []
     for src, _ in opened:
         fwd = BlockwiseForward(src, device=device)
-        kl = _kl_stats(ref_fwd, ref_hidden, fwd, _scored_hidden(fwd, chunks), targets)
+        kl = kl_accumulator(ref_fwd, ref_hidden, fwd, scored_hidden(fwd, chunks), targets).result()
         flips = mc_flips(ref_mc, mc.scores(fwd), mc.labels) if mc else None
         out.append(FileComparison(src.path, src.path.stat().st_size, bits_per_weight(src), kl, flips))
         log.info("%s: mean KLD %.6f over %d tokens", src.path.name, kl.kld_mean, kl.n_tokens)

@@ -21,20 +21,16 @@ import numpy as np
 import torch
 
 from dynsearch.bench.llamacpp import read_kld_base
+from dynsearch.objectives.compare import kl_accumulator, scored_hidden
 from dynsearch.objectives.forward import BlockwiseForward
 from dynsearch.objectives.io.gguf_source import GGUFSource
-from dynsearch.objectives.kl import KLAccumulator, scored_positions, scored_targets
+from dynsearch.objectives.kl import scored_targets
 from dynsearch.objectives.tokenizer import Tokenizer
 
 
 def per_token_kl(ref_fwd, ref_hidden: torch.Tensor, path: Path, chunks: np.ndarray) -> np.ndarray:
     fwd = BlockwiseForward(GGUFSource(path))
-    hidden = fwd.hidden_states(chunks)[:, scored_positions(chunks.shape[1])]
-    d = hidden.shape[-1]
-    tgt = torch.as_tensor(scored_targets(chunks).reshape(-1), dtype=torch.long)
-    acc = KLAccumulator()
-    for (s, r), (_, c) in zip(ref_fwd.head_rows(ref_hidden.reshape(-1, d)), fwd.head_rows(hidden.reshape(-1, d))):
-        acc.update(r, c, tgt[s:s + r.shape[0]])
+    acc = kl_accumulator(ref_fwd, ref_hidden, fwd, scored_hidden(fwd, chunks), scored_targets(chunks))
     return acc.values()["kld"]
 
 
@@ -54,7 +50,7 @@ def main(argv: list[str]) -> int:
     if tok.add_bos:  # as llama-perplexity scores them (bench quality's prepare does the same)
         chunks[:, 0] = tok.bos_id
     ref_fwd = BlockwiseForward(GGUFSource(ref))
-    ref_hidden = ref_fwd.hidden_states(chunks)[:, scored_positions(chunks.shape[1])]
+    ref_hidden = scored_hidden(ref_fwd, chunks)
     n_chunks = chunks.shape[0]
     for a, b in zip(files[::2], files[1::2]):
         ka, kb = (per_token_kl(ref_fwd, ref_hidden, p, chunks) for p in (a, b))
