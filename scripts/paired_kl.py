@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dynsearch.bench.llamacpp import read_kld_base
+from dynsearch.errors import DynsearchError
 from dynsearch.objectives.compare import kl_accumulator, scored_hidden
 from dynsearch.objectives.forward import BlockwiseForward
 from dynsearch.objectives.io.gguf_source import GGUFSource
@@ -40,11 +41,8 @@ def block_se(diff: np.ndarray, n_blocks: int) -> float:
     return float(means.std(ddof=1) / np.sqrt(n_blocks))
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) < 4 or len(argv) % 2:
-        print(__doc__.split("::")[1].strip().splitlines()[0], file=sys.stderr)
-        return 2
-    ref, base, *files = (Path(a) for a in argv)
+def report(ref: Path, base: Path, files: list[Path]) -> None:
+    """Print one line per (A, B) pair of ``files``."""
     chunks = read_kld_base(base).tokens.copy()
     tok = Tokenizer.from_gguf(ref)
     if tok.add_bos:  # as llama-perplexity scores them (bench quality's prepare does the same)
@@ -58,6 +56,22 @@ def main(argv: list[str]) -> int:
         print(f"{a.name} -> {b.name}: {ka.mean():.5f} -> {kb.mean():.5f}, {diff.mean() * scale:+.2f}% "
               f"± {block_se(diff, n_chunks) * scale:.2f}% (1 SE, {n_chunks} chunks) "
               f"± {block_se(diff, 64) * scale:.2f}% (64 blocks); {ka.size} tokens", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 4 or len(argv) % 2:
+        print(__doc__.split("::")[1].strip().splitlines()[0], file=sys.stderr)
+        return 2
+    ref, base, *files = (Path(a) for a in argv)
+    missing = [str(p) for p in (ref, base, *files) if not p.is_file()]
+    if missing:
+        print(f"paired_kl: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        report(ref, base, files)
+    except (DynsearchError, ValueError) as e:  # a file that is not what its place says
+        print(f"paired_kl: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
